@@ -1,0 +1,45 @@
+# Two commands: `make serve` (set up, train the default model if the store has none, serve) and `make test`.
+SHELL := /bin/bash
+PORT ?= 3000
+UV_VERSION := 0.13.9
+UV := $(or $(shell command -v uv 2>/dev/null),.tools/bin/uv)
+PY := .venv/bin/python
+# Small models on small machines: one OpenMP thread per process, or worker processes fight over the cores.
+export OMP_NUM_THREADS ?= 1
+# Use the system's CA store, so that PyPI works behind a TLS-intercepting proxy too.
+export UV_NATIVE_TLS ?= 1
+
+.PHONY: setup train serve test lint format clean
+
+setup: .venv/.synced
+
+.tools/bin/uv:
+	python3 -m venv .tools
+	.tools/bin/pip install --quiet uv==$(UV_VERSION)
+
+# --compile-bytecode: imports stay fast even where PYTHONDONTWRITEBYTECODE is set.
+.venv/.synced: pyproject.toml uv.lock | $(if $(filter .tools/bin/uv,$(UV)),.tools/bin/uv)
+	$(UV) sync --frozen --compile-bytecode
+	touch $@
+
+train: setup
+	$(PY) train.py
+
+serve: setup
+	$(PY) train.py --if-missing
+	.venv/bin/bentoml serve service:TabularModel --port $(PORT)
+
+test: setup
+	.venv/bin/pytest
+
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+	.venv/bin/mypy
+
+format: setup
+	.venv/bin/ruff check --fix .
+	.venv/bin/ruff format .
+
+clean:
+	rm -rf .venv .tools .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,191 @@
+"""The feature schema: what each input column is, learnt from the training table and stored with the model.
+
+It is the single source of truth for input types. Training and serving both pass rows through
+`FeatureSchema.prepare`, so a value means the same thing in both, and the service's request model is
+generated from it, so validation rules live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import keyword
+import re
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictStr, create_model
+
+from models.errors import InputError
+
+# Categories kept in the schema per column (most frequent first); the encoder itself keeps its own.
+MAX_STORED_CATEGORIES = 200
+
+
+class FeatureKind(StrEnum):
+    NUMERIC = "numeric"
+    BOOLEAN = "boolean"
+    CATEGORICAL = "categorical"
+
+
+class Feature(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    kind: FeatureKind
+    dtype: str = Field(description="pandas dtype of the column at training time")
+    nullable: bool = Field(description="the column had missing values at training time")
+    minimum: float | None = None
+    maximum: float | None = None
+    categories: list[str] = Field(default_factory=list, description="categories seen, most frequent first")
+
+
+class FeatureSchema(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    features: list[Feature]
+
+    @property
+    def names(self) -> list[str]:
+        return [feature.name for feature in self.features]
+
+    def names_of(self, kind: FeatureKind) -> list[str]:
+        return [feature.name for feature in self.features if feature.kind is kind]
+
+    @classmethod
+    def infer(cls, frame: pd.DataFrame) -> FeatureSchema:
+        return cls(features=[_infer_feature(str(name), frame[name]) for name in frame.columns])
+
+    def prepare(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """Return the model's input frame: schema column order, numbers and booleans as float64 (NaN =
+        missing), categories as Python strings (NaN = missing)."""
+        missing = [name for name in self.names if name not in frame.columns]
+        if missing:
+            raise InputError(f"missing feature columns: {', '.join(missing)}")
+        return pd.DataFrame({feature.name: _prepare_column(feature, frame[feature.name]) for feature in self.features})
+
+    def incompatibility(self, other: FeatureSchema) -> str | None:
+        """Why a model trained on `self` cannot score rows described by `other`, or None if it can."""
+        ours, theirs = set(self.names), set(other.names)
+        if ours != theirs:
+            parts = []
+            if ours - theirs:
+                parts.append(f"missing {sorted(ours - theirs)}")
+            if theirs - ours:
+                parts.append(f"new {sorted(theirs - ours)}")
+            return "feature columns differ: " + "; ".join(parts)
+        kinds = {feature.name: feature.kind for feature in other.features}
+        for feature in self.features:
+            if kinds[feature.name] is not feature.kind:
+                return f"feature '{feature.name}' was {feature.kind}, is now {kinds[feature.name]}"
+        return None
+
+    def request_model(self, title: str = "Features") -> type[BaseModel]:
+        """A pydantic model for one record keyed by the original column names (Python-safe field names
+        with the column names as aliases). Unknown fields, NaN and infinities are rejected."""
+        fields: dict[str, Any] = {}
+        for field_name, feature in zip(field_names(self.names), self.features, strict=True):
+            annotation: Any = _FIELD_TYPES[feature.kind]
+            default: Any = ...
+            if feature.nullable:
+                annotation = annotation | None
+                default = None
+            fields[field_name] = (
+                annotation,
+                Field(default, alias=feature.name, description=_describe(feature), examples=_example(feature)),
+            )
+        return create_model(  # type: ignore[call-overload, no-any-return]
+            title,
+            __config__=ConfigDict(extra="forbid", populate_by_name=False, allow_inf_nan=False),
+            **fields,
+        )
+
+
+_FIELD_TYPES: dict[FeatureKind, Any] = {
+    FeatureKind.NUMERIC: StrictFloat,
+    FeatureKind.BOOLEAN: StrictBool,
+    FeatureKind.CATEGORICAL: StrictStr,
+}
+
+
+def field_names(columns: list[str]) -> list[str]:
+    """Python identifiers for column names ('mean radius' -> 'mean_radius'), unique and safe as pydantic
+    field names."""
+    taken: set[str] = set()
+    result = []
+    for column in columns:
+        base = re.sub(r"\W", "_", column).strip("_") or "feature"
+        if base[0].isdigit() or keyword.iskeyword(base) or base.startswith("model_") or hasattr(BaseModel, base):
+            base = f"f_{base}"
+        name, counter = base, 1
+        while name in taken:
+            counter += 1
+            name = f"{base}_{counter}"
+        taken.add(name)
+        result.append(name)
+    return result
+
+
+def _infer_feature(name: str, column: pd.Series) -> Feature:
+    if column.isna().all():
+        raise InputError(f"column '{name}' has no values at all; remove it with --drop")
+    kind = _infer_kind(name, column)
+    common = {"name": name, "kind": kind, "dtype": str(column.dtype), "nullable": bool(column.isna().any())}
+    if kind is FeatureKind.NUMERIC:
+        values = column.astype("float64")
+        if np.isinf(values).any():
+            raise InputError(f"column '{name}' contains infinite values")
+        return Feature(**common, minimum=float(values.min()), maximum=float(values.max()))
+    if kind is FeatureKind.CATEGORICAL:
+        counts = _prepare_column_categorical(column).value_counts()
+        return Feature(**common, categories=[str(value) for value in counts.index[:MAX_STORED_CATEGORIES]])
+    return Feature(**common)
+
+
+def _infer_kind(name: str, column: pd.Series) -> FeatureKind:
+    if pd.api.types.is_bool_dtype(column):
+        return FeatureKind.BOOLEAN
+    if pd.api.types.is_datetime64_any_dtype(column) or pd.api.types.is_timedelta64_dtype(column):
+        raise InputError(f"column '{name}' holds dates or durations ({column.dtype}); convert or --drop it")
+    if pd.api.types.is_numeric_dtype(column):
+        return FeatureKind.NUMERIC
+    present = column.dropna()
+    if len(present) and present.map(lambda value: isinstance(value, bool | np.bool_)).all():
+        return FeatureKind.BOOLEAN
+    return FeatureKind.CATEGORICAL
+
+
+def _prepare_column(feature: Feature, column: pd.Series) -> pd.Series:
+    if feature.kind is FeatureKind.NUMERIC:
+        return column.astype("float64")
+    if feature.kind is FeatureKind.BOOLEAN:
+        return column.map({True: 1.0, False: 0.0}).astype("float64")
+    return _prepare_column_categorical(column)
+
+
+def _prepare_column_categorical(column: pd.Series) -> pd.Series:
+    values = column.astype(object)
+    present = values.notna()
+    prepared = pd.Series(np.nan, index=column.index, dtype=object)
+    prepared[present] = values[present].map(str)
+    return prepared
+
+
+def _describe(feature: Feature) -> str:
+    text = f"{feature.kind.value}"
+    if feature.kind is FeatureKind.NUMERIC:
+        text += f"; training range [{feature.minimum:g}, {feature.maximum:g}]"
+    elif feature.kind is FeatureKind.CATEGORICAL:
+        shown = ", ".join(feature.categories[:10])
+        text += f"; seen: {shown}{', ...' if len(feature.categories) > 10 else ''}; unseen values are accepted"
+    if feature.nullable:
+        text += "; may be null or omitted"
+    return text
+
+
+def _example(feature: Feature) -> list[Any]:
+    if feature.kind is FeatureKind.NUMERIC:
+        return [round(((feature.minimum or 0.0) + (feature.maximum or 0.0)) / 2, 4)]
+    if feature.kind is FeatureKind.BOOLEAN:
+        return [True]
+    return [feature.categories[0]] if feature.categories else []

@@ -1,0 +1,125 @@
+"""Export to and load from the BentoML model store.
+
+A stored model is a folder in the store holding the fitted pipeline, the feature schema and the reference
+set (training rows with the model's predictions, for drift reports); its labels and metadata carry the
+MLflow lineage, so `bentoml models get NAME:latest` shows where it came from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import bentoml
+import joblib
+import pandas as pd
+from bentoml.exceptions import NotFound
+from sklearn.pipeline import Pipeline
+
+from models.data import Task
+from models.errors import InputError
+from models.predict import Predictions, predict
+from models.schema import FeatureSchema
+
+PIPELINE_FILE = "pipeline.joblib"
+SCHEMA_FILE = "feature_schema.json"
+REFERENCE_FILE = "reference.parquet"
+# Reserved column names in the reference set, beside the feature columns.
+TARGET_COLUMN = "_target"
+PREDICTION_COLUMN = "_prediction"
+PROBABILITY_PREFIX = "_proba_"
+
+
+def check_writable(bentoml_home: Path) -> None:
+    """Fail before training, not after, when the store cannot take a model."""
+    models_dir = bentoml_home / "models"
+    try:
+        models_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=models_dir, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise InputError(f"BentoML store at {bentoml_home} is not writable: {exc.strerror or exc}") from None
+
+
+def reference_set(
+    pipeline: Pipeline, schema: FeatureSchema, X: pd.DataFrame, y: pd.Series, task: Task, rows: int, seed: int
+) -> pd.DataFrame:
+    """A seeded sample of training rows in prepared form, with the true target and the model's predictions."""
+    sample = X.sample(n=min(rows, len(X)), random_state=seed)
+    prepared = schema.prepare(sample).reset_index(drop=True)
+    result = predict(pipeline, prepared, task)
+    extra = {TARGET_COLUMN: y.loc[sample.index].to_numpy(), PREDICTION_COLUMN: result.labels}
+    if result.probabilities is not None and result.classes is not None:
+        for index, label in enumerate(result.classes):
+            extra[f"{PROBABILITY_PREFIX}{label}"] = result.probabilities[:, index]
+    return pd.concat([prepared, pd.DataFrame(extra)], axis=1)
+
+
+def save(
+    name: str,
+    pipeline: Pipeline,
+    schema: FeatureSchema,
+    reference: pd.DataFrame,
+    labels: dict[str, str],
+    metadata: dict[str, Any],
+) -> str:
+    with bentoml.models.create(name, labels=labels, metadata=metadata) as model:
+        joblib.dump(pipeline, model.path_of(PIPELINE_FILE))
+        Path(model.path_of(SCHEMA_FILE)).write_text(schema.model_dump_json(indent=2))
+        reference.to_parquet(model.path_of(REFERENCE_FILE), index=False)
+    return str(model.tag)
+
+
+@dataclass(frozen=True)
+class StoredModel:
+    tag: str
+    name: str
+    version: str
+    path: Path
+    labels: dict[str, str]
+    metadata: dict[str, Any]
+    schema: FeatureSchema
+
+    @property
+    def task(self) -> Task:
+        return Task(self.metadata["task"])
+
+    @property
+    def classes(self) -> list[Any] | None:
+        return self.metadata.get("classes")
+
+    @classmethod
+    def open(cls, tag: str) -> StoredModel:
+        """Read a stored model's description (cheap: no pipeline is unpickled)."""
+        try:
+            model = bentoml.models.get(tag)
+        except NotFound:
+            home = os.environ.get("BENTOML_HOME", "~/bentoml")
+            raise InputError(f"no model '{tag}' in the BentoML store at {home}: train one with `python train.py`") from None
+        path = Path(model.path)
+        return cls(
+            tag=str(model.tag),
+            name=model.tag.name,
+            version=str(model.tag.version),
+            path=path,
+            labels=dict(model.info.labels),
+            metadata=dict(model.info.metadata),
+            schema=FeatureSchema.model_validate(json.loads((path / SCHEMA_FILE).read_text())),
+        )
+
+    @cached_property
+    def pipeline(self) -> Pipeline:
+        """The fitted pipeline, unpickled on first use."""
+        pipeline: Pipeline = joblib.load(self.path / PIPELINE_FILE)
+        return pipeline
+
+    def load_reference(self) -> pd.DataFrame:
+        return pd.read_parquet(self.path / REFERENCE_FILE)
+
+    def predict(self, frame: pd.DataFrame) -> Predictions:
+        return predict(self.pipeline, self.schema.prepare(frame), self.task)

@@ -1,0 +1,270 @@
+"""One training run, stage by stage: data -> candidates -> held-out test -> gate -> registry -> BentoML store.
+
+Nothing is written before the data has been validated and both stores have been checked, and a failure
+after registration removes the new version (and store entry) again, so a failed run leaves no version,
+alias or stored model behind.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import bentoml
+import matplotlib.pyplot as plt
+import mlflow
+import mlflow.data
+import pandas as pd
+from mlflow import MlflowClient
+
+from models import registry, store
+from models.candidates import candidates
+from models.data import Split, Task, load_default, load_table, resolve_task, split, validate
+from models.errors import InputError
+from models.evaluation import DEFAULT_METRIC, METRICS, CandidateScore, Metric, cross_validate, plots, test_metrics
+from models.gate import ChampionScore, Decision, decide
+from models.schema import FeatureSchema
+from settings import Settings
+
+# BentoML tag names: lowercase letters, digits, '-', '_' and '.', starting and ending with a letter or digit.
+MODEL_NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$")
+
+
+@dataclass(frozen=True)
+class TrainingOptions:
+    data: Path | None = None
+    target: str | None = None
+    name: str | None = None
+    drop: tuple[str, ...] = ()
+    task: Task = Task.AUTO
+    metric: str | None = None
+    margin: float = 0.0
+    force: bool = False
+    seed: int = 42
+    test_size: float = 0.2
+    cv_folds: int = 5
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    name: str
+    task: Task
+    metric: str
+    estimator: str
+    candidates: list[CandidateScore]
+    test_metrics: dict[str, float]
+    run_id: str
+    registered_version: str
+    decision: Decision
+    champion_before: str | None
+    champion_after: str | None
+    bento_tag: str | None
+    dataset_digest: str
+    seconds: float = field(default=0.0)
+
+
+def model_name(options: TrainingOptions, settings: Settings) -> str:
+    if options.name:
+        name = options.name
+    elif options.data is None:
+        name = settings.model_name
+    else:
+        name = re.sub(r"[^a-z0-9]+", "_", options.data.stem.lower()).strip("_") or "model"
+    if not MODEL_NAME.match(name):
+        raise InputError(
+            f"model name '{name}' is not valid: use lowercase letters, digits, '-', '_' and '.' "
+            "(starting and ending with a letter or digit)"
+        )
+    return name
+
+
+def resolve_metric(requested: str | None, task: Task) -> Metric:
+    name = requested or DEFAULT_METRIC[task]
+    metric = METRICS.get(name)
+    if metric is None or metric.task is not task:
+        allowed = ", ".join(m.name for m in METRICS.values() if m.task is task)
+        raise InputError(f"--metric '{name}' does not apply to {task}; choose one of: {allowed}")
+    return metric
+
+
+def train(options: TrainingOptions, settings: Settings, progress: Callable[[str], None]) -> TrainingResult:
+    started = time.perf_counter()
+    name = model_name(options, settings)
+    if options.data is not None and not options.target:
+        raise InputError("--data needs --target COLUMN")
+    if not 0.05 <= options.test_size <= 0.5:
+        raise InputError(f"--test-size must be between 0.05 and 0.5, got {options.test_size}")
+
+    progress("Loading and checking the data")
+    table = load_default() if options.data is None else load_table(options.data, str(options.target), list(options.drop))
+    task = resolve_task(table.target, options.task)
+    metric = resolve_metric(options.metric, task)
+    table = validate(table, task, options.test_size, options.cv_folds)
+    schema = FeatureSchema.infer(table.features)
+    parts = split(table, task, options.test_size, options.seed)
+    X_train, X_test = schema.prepare(parts.X_train), schema.prepare(parts.X_test)
+    progress(
+        f"  {len(table.target)} rows, {len(schema.features)} features, {task}; "
+        f"{len(X_train)} train / {len(X_test)} held-out test rows"
+    )
+
+    progress("Checking the MLflow and BentoML stores")
+    store.check_writable(settings.bentoml_home)
+    client = registry.connect(settings)
+    with warnings.catch_warnings():
+        # MLflow warns that a local path "can be interpreted in multiple ways"; both ways are the same source.
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_pandas(
+            pd.concat([table.features, table.target], axis=1),
+            source=table.source,
+            targets=str(table.target.name),
+            name=name,
+        )
+
+    with mlflow.start_run(run_name=f"train-{name}") as run:
+        mlflow.log_params(
+            {
+                "model_name": name,
+                "task": task.value,
+                "metric": metric.name,
+                "seed": options.seed,
+                "test_size": options.test_size,
+                "cv_folds": options.cv_folds,
+                "margin": options.margin,
+                "force": options.force,
+                "dropped_columns": ",".join(options.drop) or "-",
+            }
+        )
+        mlflow.log_input(dataset, context="training")
+
+        pipelines = candidates(task, schema, options.seed)
+        progress(f"Cross-validating {len(pipelines)} candidates ({options.cv_folds} folds, {metric.name})")
+        scores = []
+        for candidate, pipeline in pipelines.items():
+            with mlflow.start_run(run_name=candidate, nested=True):
+                score = cross_validate(
+                    candidate, pipeline, X_train, parts.y_train, task, metric, options.cv_folds, options.seed
+                )
+                mlflow.log_param("estimator", candidate)
+                mlflow.log_metrics({f"cv_{metric.name}_mean": score.mean, f"cv_{metric.name}_std": score.std})
+            scores.append(score)
+            progress(f"  {candidate:<24} {metric.name} {score.mean:.4f} ± {score.std:.4f}")
+        best = max(scores, key=lambda s: s.mean if metric.greater_is_better else -s.mean).name
+
+        progress(f"Refitting {best} on the training split and scoring it on the held-out rows")
+        model = pipelines[best].fit(X_train, parts.y_train)
+        metrics = test_metrics(model, X_test, parts.y_test, task)
+        mlflow.log_param("estimator", best)
+        mlflow.log_metrics({f"test_{key}": value for key, value in metrics.items()})
+        for file_name, figure in plots(model, X_test, parts.y_test, task).items():
+            mlflow.log_figure(figure, f"plots/{file_name}")
+            plt.close(figure)
+        classes = model.classes_.tolist() if task is Task.CLASSIFICATION else None
+        card = {
+            "task": task.value,
+            "target": str(table.target.name),
+            "classes": classes,
+            "feature_schema": schema.model_dump(mode="json", exclude_none=True),
+        }
+        mlflow.log_dict(card, registry.MODEL_CARD)
+
+        progress("Comparing with the current champion on the same held-out rows")
+        champion = registry.current_champion(client, name)
+        champion_score = score_champion(champion, name, schema, card, metric, parts) if champion else None
+        decision = decide(metric, metrics[metric.name], options.margin, options.force, champion_score)
+        progress(f"  {decision.reason}")
+
+        progress("Registering the model version in MLflow")
+        version = registry.log_and_register(client, model, name, X_train.head(5), model.predict(X_train.head(5)))
+        trained_at = datetime.now(UTC).isoformat(timespec="seconds")
+        bento_tag = None
+        try:
+            if decision.promote:
+                progress("Saving the champion to the BentoML model store")
+                bento_tag = store.save(
+                    name,
+                    model,
+                    schema,
+                    store.reference_set(
+                        model, schema, parts.X_train, parts.y_train, task, settings.reference_rows, options.seed
+                    ),
+                    labels={
+                        "mlflow_run_id": run.info.run_id,
+                        "registered_model": name,
+                        "registered_version": str(version.version),
+                        "alias": registry.CHAMPION,
+                        "task": task.value,
+                        "estimator": best,
+                    },
+                    # BentoML metadata cannot hold None (regression has no classes).
+                    metadata={
+                        **{key: value for key, value in card.items() if value is not None},
+                        "metric": metric.name,
+                        "test_metrics": metrics,
+                        "estimator": best,
+                        "dataset_digest": dataset.digest,
+                        "dataset_source": table.source,
+                        "rows": {"train": len(X_train), "test": len(X_test)},
+                        "trained_at": trained_at,
+                        "training_seconds": round(time.perf_counter() - started, 2),
+                        "mlflow_tracking_uri": settings.tracking_uri,
+                        "promotion": decision.reason,
+                    },
+                )
+            client.set_registered_model_alias(name, decision.alias, str(version.version))
+            for key, value in {
+                "promotion": "forced" if decision.forced else ("promoted" if decision.promote else "rejected"),
+                "gate_reason": decision.reason,
+                "dataset_digest": dataset.digest,
+                "bento_tag": bento_tag or "-",
+            }.items():
+                client.set_model_version_tag(name, str(version.version), key, value)
+        except BaseException:
+            if bento_tag is not None:
+                bentoml.models.delete(bento_tag)
+            registry.discard_version(client, name, str(version.version))
+            raise
+        mlflow.set_tags({"promotion": decision.alias, "forced": str(decision.forced), "bento_tag": bento_tag or "-"})
+
+    return TrainingResult(
+        name=name,
+        task=task,
+        metric=metric.name,
+        estimator=best,
+        candidates=scores,
+        test_metrics=metrics,
+        run_id=run.info.run_id,
+        registered_version=str(version.version),
+        decision=decision,
+        champion_before=champion.version if champion else None,
+        champion_after=str(version.version) if decision.promote else (champion.version if champion else None),
+        bento_tag=bento_tag,
+        dataset_digest=dataset.digest,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def score_champion(
+    champion: registry.Champion, name: str, schema: FeatureSchema, card: dict[str, object], metric: Metric, parts: Split
+) -> ChampionScore:
+    """Score the champion on the new held-out rows, or say why it cannot be scored on them."""
+    old = champion.card
+    if old["task"] != card["task"]:
+        return ChampionScore(champion.version, None, f"champion is a {old['task']} model, this is {card['task']}")
+    old_schema = FeatureSchema.model_validate(old["feature_schema"])
+    reason = old_schema.incompatibility(schema)
+    if reason is None and old["classes"] is not None:
+        old_classes, new_classes = sorted(map(str, old["classes"])), sorted(map(str, card["classes"] or []))
+        if old_classes != new_classes:
+            reason = f"classes differ: champion {old_classes}, new data {new_classes}"
+    if reason is not None:
+        return ChampionScore(champion.version, None, reason)
+    pipeline = registry.load_version(name, champion.version)
+    score = test_metrics(pipeline, old_schema.prepare(parts.X_test), parts.y_test, Task(str(old["task"])))
+    return ChampionScore(champion.version, score[metric.name])
+

@@ -1,0 +1,81 @@
+"""The project's one configuration object, read from the environment and `.env`.
+
+Every variable has the prefix ``TABSERVE_``, except the two that belong to the tools themselves and keep
+their own names: ``MLFLOW_TRACKING_URI`` and ``BENTOML_HOME``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="TABSERVE_",
+        env_file=PROJECT_ROOT / ".env",
+        extra="ignore",
+        protected_namespaces=(),
+    )
+
+    data_dir: Path = Field(
+        default=PROJECT_ROOT / "data",
+        description="Where the default MLflow store (SQLite + artifacts) lives. Git-ignored.",
+    )
+    model_name: str = Field(
+        default="breast_cancer",
+        description="Registered model name used by train.py when --name is not given, and served by default.",
+    )
+    model_tag: str | None = Field(
+        default=None,
+        description="BentoML model tag to serve, e.g. 'breast_cancer:abc123'. Default: '<model_name>:latest'.",
+    )
+    mlflow_experiment: str = Field(default="tabserve", description="MLflow experiment for training runs.")
+    mlflow_tracking_uri: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "TABSERVE_MLFLOW_TRACKING_URI"),
+        description="MLflow tracking URI. Default: a SQLite file in data_dir.",
+    )
+    bentoml_home: Path = Field(
+        default=Path.home() / "bentoml",
+        validation_alias=AliasChoices("BENTOML_HOME", "TABSERVE_BENTOML_HOME"),
+        description="BentoML's home (model store). Default: BentoML's own default, ~/bentoml.",
+    )
+    reference_rows: int = Field(
+        default=1000, ge=10, description="Training rows kept with each model as the drift reference set."
+    )
+
+    @property
+    def tracking_uri(self) -> str:
+        if self.mlflow_tracking_uri:
+            return self.mlflow_tracking_uri
+        return f"sqlite:///{self.data_dir.resolve() / 'mlflow.db'}"
+
+    @property
+    def artifact_location(self) -> str:
+        """Artifact root for new experiments: inside data_dir, never the current directory."""
+        return (self.data_dir.resolve() / "mlartifacts").as_uri()
+
+    @property
+    def serving_tag(self) -> str:
+        return self.model_tag or f"{self.model_name}:latest"
+
+    def export_tool_environment(self) -> None:
+        """Make BentoML and MLflow (and any process they start) see the same stores as we do.
+
+        BentoML reads BENTOML_HOME from the environment the first time it touches its store, so this must
+        run before that; values that came from `.env` would otherwise be invisible to it.
+        """
+        os.environ["BENTOML_HOME"] = str(self.bentoml_home)
+        os.environ["MLFLOW_TRACKING_URI"] = self.tracking_uri
+
+
+def get_settings() -> Settings:
+    settings = Settings()
+    settings.export_tool_environment()
+    return settings

@@ -1,0 +1,44 @@
+"""Seeded synthetic tables like real ones: numeric, boolean and text columns, all with missing values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from models.data import load_default
+
+
+def mixed_table(rows: int = 400, classes: int = 2, regression: bool = False, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    age = rng.normal(45, 12, rows).round()
+    income = rng.lognormal(10, 0.5, rows)
+    city = rng.choice(["paris", "lyon", "nice", "lille"], rows)
+    member = rng.random(rows) < 0.4
+    signal = (age - 45) / 12 + (city == "paris") * 1.5 - (city == "nice") * 1.0 + member * 0.8
+    signal += rng.normal(0, 0.5, rows)
+    frame = pd.DataFrame(
+        {"age": age, "income": income, "city": city, "member": member.astype(object), "customer_id": range(rows)}
+    )
+    if regression:
+        frame["spend"] = 100 + 40 * signal
+    else:
+        edges = np.quantile(signal, np.linspace(0, 1, classes + 1)[1:-1])
+        labels = np.array(["low", "mid", "high", "top", "max"][:classes])
+        frame["segment"] = labels[np.searchsorted(edges, signal)]
+    for column in ["age", "income", "city", "member"]:
+        frame.loc[rng.random(rows) < 0.08, column] = None
+    return frame
+
+
+def breast_cancer_table(flip_share: float = 0.0, shuffle_target: bool = False, seed: int = 0) -> pd.DataFrame:
+    """The bundled data as a CSV-ready table, its labels optionally made noisier or meaningless."""
+    table = load_default()
+    frame = table.features.copy()
+    target = table.target.to_numpy(copy=True)
+    rng = np.random.default_rng(seed)
+    if shuffle_target:
+        target = rng.permutation(target)
+    flip = rng.random(len(target)) < flip_share
+    target[flip] = np.where(target[flip] == "benign", "malignant", "benign")
+    frame[table.target.name] = target
+    return frame

@@ -1,0 +1,100 @@
+"""What the BentoML store holds after training: lineage, schema, reference set, and the very same model as
+MLflow's."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow.pyfunc
+import numpy as np
+import pytest
+
+from models import registry
+from models.data import load_default
+from models.store import PREDICTION_COLUMN, PROBABILITY_PREFIX, TARGET_COLUMN, StoredModel
+from tests.conftest import PROJECT_ROOT, Stores
+
+
+@pytest.fixture(scope="module")
+def stored(default_model: subprocess.CompletedProcess[str]) -> StoredModel:
+    return StoredModel.open("breast_cancer:latest")
+
+
+def test_labels_carry_the_mlflow_lineage(stores: Stores, stored: StoredModel) -> None:
+    champion = stores.client().get_model_version_by_alias("breast_cancer", "champion")
+    assert stored.labels == {
+        "mlflow_run_id": champion.run_id,
+        "registered_model": "breast_cancer",
+        "registered_version": str(champion.version),
+        "alias": "champion",
+        "task": "classification",
+        "estimator": stored.metadata["estimator"],
+    }
+    assert champion.tags["bento_tag"] == stored.tag
+
+
+def test_metadata_describes_the_model_and_its_data(stores: Stores, stored: StoredModel) -> None:
+    meta = stored.metadata
+    run = stores.client().get_run(stored.labels["mlflow_run_id"])
+    assert meta["task"] == "classification"
+    assert meta["classes"] == ["benign", "malignant"]
+    assert meta["test_metrics"] == pytest.approx({k[5:]: v for k, v in run.data.metrics.items() if k.startswith("test_")})
+    assert meta["dataset_digest"] == run.inputs.dataset_inputs[0].dataset.digest
+    assert meta["training_seconds"] > 0
+    assert meta["trained_at"].startswith("20")
+    assert meta["rows"] == {"train": 455, "test": 114}
+    radius = next(f for f in meta["feature_schema"]["features"] if f["name"] == "mean radius")
+    assert radius == {
+        "name": "mean radius",
+        "kind": "numeric",
+        "dtype": "float64",
+        "nullable": False,
+        "minimum": pytest.approx(6.981),
+        "maximum": pytest.approx(28.11),
+        "categories": [],
+    }
+
+
+def test_reference_set_is_training_rows_with_the_models_predictions(stored: StoredModel) -> None:
+    reference = stored.load_reference()
+    assert len(reference) == 455  # all training rows: fewer than the 1,000-row cap
+    assert list(reference.columns[:30]) == stored.schema.names
+    assert set(reference[TARGET_COLUMN]) == {"benign", "malignant"}
+    again = stored.predict(reference[stored.schema.names])
+    assert reference[PREDICTION_COLUMN].tolist() == again.labels.tolist()
+    assert again.probabilities is not None
+    assert np.array_equal(reference[f"{PROBABILITY_PREFIX}malignant"].to_numpy(), again.probabilities[:, 1])
+
+
+def test_stored_model_predicts_exactly_as_the_mlflow_model(stored: StoredModel) -> None:
+    rows = stored.schema.prepare(load_default().features)
+    logged = registry.load_version("breast_cancer", stored.labels["registered_version"])
+    assert np.array_equal(stored.pipeline.predict_proba(rows), logged.predict_proba(rows))
+    pyfunc_uri = f"models:/breast_cancer/{stored.labels['registered_version']}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")
+        served_by_mlflow = mlflow.pyfunc.load_model(pyfunc_uri).predict(rows)
+    assert np.array_equal(np.asarray(served_by_mlflow), stored.pipeline.predict(rows))
+
+
+def test_bentoml_cli_shows_labels_and_metadata(stores: Stores, stored: StoredModel) -> None:
+    bentoml = Path(sys.executable).parent / "bentoml"
+    shown = subprocess.run(
+        [str(bentoml), "models", "get", "breast_cancer:latest", "-o", "json"],
+        cwd=PROJECT_ROOT,
+        env=stores.env(),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    info = json.loads(shown.stdout)
+    assert info["labels"]["registered_version"] == stored.labels["registered_version"]
+    assert info["metadata"]["dataset_digest"] == stored.metadata["dataset_digest"]
+    listed = subprocess.run(
+        [str(bentoml), "models", "list"], env=stores.env(), capture_output=True, text=True, check=True, timeout=120
+    )
+    assert stored.tag in listed.stdout

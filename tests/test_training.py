@@ -1,0 +1,186 @@
+"""train.py end to end, through the real CLI, into real MLflow (SQLite) and BentoML stores."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import bentoml
+import pandas as pd
+import pytest
+from bentoml.exceptions import NotFound
+from mlflow.exceptions import MlflowException
+
+from models.schema import FeatureKind
+from models.store import StoredModel
+from tests.conftest import Stores, assert_ok, run_train
+from tests.tables import breast_cancer_table, mixed_table
+
+
+def champion_version(stores: Stores, name: str) -> str:
+    return str(stores.client().get_model_version_by_alias(name, "champion").version)
+
+
+def version_tags(stores: Stores, name: str, version: str) -> dict[str, str]:
+    return dict(stores.client().get_model_version(name, version).tags)
+
+
+def test_default_run_trains_registers_and_stores_the_champion(
+    stores: Stores, default_model: subprocess.CompletedProcess[str]
+) -> None:
+    assert "Cross-validating 3 candidates" in default_model.stderr
+    assert "first version: no champion yet" in default_model.stderr
+    assert "breast_cancer v1 -> champion" in default_model.stdout
+    client = stores.client()
+    version = client.get_model_version_by_alias("breast_cancer", "champion")
+    run = client.get_run(version.run_id)
+    assert {"test_accuracy", "test_f1_macro", "test_roc_auc", "test_log_loss"} <= set(run.data.metrics)
+    assert run.data.metrics["test_roc_auc"] > 0.95
+    candidates = client.search_runs(
+        [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'"
+    )
+    assert {c.data.params["estimator"] for c in candidates} == {
+        "logistic_regression",
+        "random_forest",
+        "hist_gradient_boosting",
+    }
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert artifacts == {"plots/confusion_matrix.png", "plots/roc_curve.png"}
+    [dataset] = run.inputs.dataset_inputs
+    assert dataset.dataset.source and "load_breast_cancer" in dataset.dataset.source
+    assert dataset.dataset.digest == version.tags["dataset_digest"]
+    # The MLflow store lives in the configured data directory, not in the working directory.
+    assert (stores.data_dir / "mlflow.db").is_file()
+    assert any((stores.data_dir / "mlartifacts").iterdir())
+
+
+@pytest.mark.parametrize(("classes", "metric"), [(2, "roc_auc"), (3, "f1_macro")])
+def test_own_csv_with_text_booleans_and_missing_values(stores: Stores, tmp_path: Path, classes: int, metric: str) -> None:
+    path = tmp_path / "customers.csv"
+    mixed_table(rows=400, classes=classes).to_csv(path, index=False)
+    name = f"customers-{classes}"
+    result = run_train(
+        stores, "--data", str(path), "--target", "segment", "--drop", "customer_id", "--name", name, "--metric", metric
+    )
+    assert_ok(result)
+    stored = StoredModel.open(f"{name}:latest")
+    kinds = {feature.name: feature.kind for feature in stored.schema.features}
+    assert kinds == {
+        "age": FeatureKind.NUMERIC,
+        "income": FeatureKind.NUMERIC,
+        "city": FeatureKind.CATEGORICAL,
+        "member": FeatureKind.BOOLEAN,
+    }
+    assert len(stored.classes or []) == classes
+    assert stored.metadata["metric"] == metric
+    # Missing values and a city never seen in training are both served.
+    unseen = pd.DataFrame([{"age": None, "income": 30000.0, "city": "atlantis", "member": None}])
+    prediction = stored.predict(unseen)
+    assert prediction.probabilities is not None
+    assert prediction.probabilities.sum() == pytest.approx(1.0)
+
+
+def test_continuous_target_trains_a_regression(stores: Stores, tmp_path: Path) -> None:
+    path = tmp_path / "spend.parquet"
+    mixed_table(rows=300, regression=True).to_parquet(path, index=False)
+    result = run_train(stores, "--data", str(path), "--target", "spend", "--drop", "customer_id")
+    assert_ok(result)
+    stored = StoredModel.open("spend:latest")  # the name defaults to the file's name
+    assert stored.task == "regression"
+    assert set(stored.metadata["test_metrics"]) == {"rmse", "mae", "r2"}
+    assert stored.metadata["test_metrics"]["r2"] > 0.5
+    run = stores.client().get_run(stored.labels["mlflow_run_id"])
+    artifacts = {a.path for a in stores.client().list_artifacts(run.info.run_id, "plots")}
+    assert artifacts == {"plots/actual_vs_predicted.png", "plots/residuals.png"}
+
+
+def test_promotion_gate_lifecycle(stores: Stores, tmp_path: Path) -> None:
+    """Meaningless labels -> champion (first); clean -> promoted; noisier -> challenger; --force -> champion;
+    a different feature set -> cannot compare, refused unless --force."""
+    name = "gate"
+    tables = {
+        "shuffled": breast_cancer_table(shuffle_target=True),
+        "clean": breast_cancer_table(),
+        "noisy": breast_cancer_table(flip_share=0.25, seed=1),
+    }
+    for label, frame in tables.items():
+        frame.to_csv(tmp_path / f"{label}.csv", index=False)
+
+    def train(label: str, *extra: str) -> subprocess.CompletedProcess[str]:
+        args = ("--data", str(tmp_path / f"{label}.csv"), "--target", "diagnosis", "--name", name, "--cv-folds", "3")
+        result = run_train(stores, *args, *extra)
+        assert_ok(result)
+        return result
+
+    train("shuffled")
+    assert champion_version(stores, name) == "1"
+
+    better = train("clean")
+    assert "better: roc_auc" in better.stderr
+    assert champion_version(stores, name) == "2"
+    assert StoredModel.open(f"{name}:latest").labels["registered_version"] == "2"
+
+    worse = train("noisy")
+    assert "not better: roc_auc" in worse.stderr
+    assert "unchanged (not promoted)" in worse.stdout
+    assert champion_version(stores, name) == "2"
+    assert str(stores.client().get_model_version_by_alias(name, "challenger").version) == "3"
+    assert version_tags(stores, name, "3")["promotion"] == "rejected"
+    assert StoredModel.open(f"{name}:latest").labels["registered_version"] == "2"
+
+    train("noisy", "--force")
+    assert champion_version(stores, name) == "4"
+    assert version_tags(stores, name, "4")["promotion"] == "forced"
+    assert StoredModel.open(f"{name}:latest").labels["registered_version"] == "4"
+
+    refused = train("clean", "--drop", "mean radius")
+    assert "cannot compare with champion v4: feature columns differ: missing ['mean radius']" in refused.stderr
+    assert champion_version(stores, name) == "4"
+
+    train("clean", "--drop", "mean radius", "--force")
+    assert champion_version(stores, name) == "6"
+    assert "mean radius" not in StoredModel.open(f"{name}:latest").schema.names
+
+
+# case -> (file name, its content (None: no file), target column, what the one-line error says)
+BAD_INPUTS: dict[str, tuple[str, bytes | pd.DataFrame | None, str, str]] = {
+    "missing file": ("absent.csv", None, "segment", "data file not found"),
+    "empty file": ("empty.csv", b"", "segment", "data file is empty"),
+    "unreadable file": ("bad.parquet", b"\x00not parquet", "segment", "cannot read"),
+    "unknown target": ("t.csv", mixed_table(rows=60), "nope", "target column 'nope' not in"),
+    "one class": ("t.csv", mixed_table(rows=60).assign(segment="low"), "segment", "has only one class"),
+    "too few rows": ("t.csv", mixed_table(rows=12), "segment", "too few rows"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_fails_in_one_line_and_writes_nothing(stores: Stores, tmp_path: Path, case: str) -> None:
+    file_name, content, target, message = BAD_INPUTS[case]
+    path = tmp_path / file_name
+    if isinstance(content, pd.DataFrame):
+        content.to_csv(path, index=False)
+    elif content is not None:
+        path.write_bytes(content)
+    name = "bad-" + case.replace(" ", "-")
+    result = run_train(stores, "--data", str(path), "--target", target, "--name", name)
+    assert_refused(stores, result, name, message)
+
+
+def test_unwritable_store_fails_before_training(stores: Stores, tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the store's folder should be")
+    name = "bad-store"
+    result = run_train(stores, "--name", name, env=stores.env(BENTOML_HOME=str(blocker / "bentoml")))
+    assert_refused(stores, result, name, "BentoML store at")
+
+
+def assert_refused(stores: Stores, result: subprocess.CompletedProcess[str], name: str, message: str) -> None:
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ")
+    assert message in lines[-1]
+    assert "Traceback" not in result.stderr
+    with pytest.raises(MlflowException):
+        stores.client().get_registered_model(name)
+    with pytest.raises(NotFound):
+        bentoml.models.get(f"{name}:latest")
