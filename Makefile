@@ -9,7 +9,7 @@ export OMP_NUM_THREADS ?= 1
 # Use the system's CA store, so that PyPI works behind a TLS-intercepting proxy too.
 export UV_NATIVE_TLS ?= 1
 
-.PHONY: setup train serve test lint format clean
+.PHONY: setup train serve build test lint format clean
 
 setup: .venv/.synced
 
@@ -28,6 +28,12 @@ train: setup
 serve: setup
 	$(PY) train.py --if-missing
 	.venv/bin/bentoml serve service:TabularModel --port $(PORT)
+
+# The bento's Python requirements are the lock file's exact versions, without the dev tools.
+build: setup
+	$(PY) train.py --if-missing
+	$(UV) export --frozen --no-dev --no-hashes --no-emit-project --no-header -o requirements.txt >/dev/null
+	.venv/bin/bentoml build
 
 test: setup
 	.venv/bin/pytest

@@ -31,7 +31,9 @@ COLUMN_OF_FIELD = dict(zip(field_names(champion.schema.names), champion.schema.n
 
 class Prediction(BaseModel):
     prediction: str | int | float | bool = Field(description="predicted class label, or value for regression")
-    probabilities: dict[str, float] | None = Field(None, description="probability of each class (classification)")
+    probabilities: dict[str, float] | None = Field(
+        None, description="probability of each class (classification)"
+    )
     model: str = Field(description="model name")
     version: str = Field(description="BentoML model version")
     registered_version: str = Field(description="MLflow registered model version")
@@ -46,7 +48,8 @@ class TabularModel:
 
     def __init__(self) -> None:
         self.model = champion
-        self.pipeline = champion.pipeline  # unpickle at startup, not on the first request
+        # Unpickle the pipeline and run it once now, so that the first request is not the slow one.
+        self.model.predict(champion.load_reference().head(1))
         self.lineage = {
             "model": champion.name,
             "version": champion.version,
@@ -61,6 +64,11 @@ class TabularModel:
         result = self.model.predict(pd.DataFrame([record]))
         probabilities = None
         if result.probabilities is not None and result.classes is not None:
-            probabilities = {str(label): float(p) for label, p in zip(result.classes, result.probabilities[0], strict=True)}
-        return Prediction(prediction=result.labels[0].item() if hasattr(result.labels[0], "item") else result.labels[0],
-                          probabilities=probabilities, **self.lineage)
+            probabilities = {
+                str(label): float(p) for label, p in zip(result.classes, result.probabilities[0], strict=True)
+            }
+        return Prediction(
+            prediction=result.labels.tolist()[0],  # tolist(): native Python types for JSON
+            probabilities=probabilities,
+            **self.lineage,
+        )

@@ -29,11 +29,11 @@ class Settings(BaseSettings):
     )
     model_name: str = Field(
         default="breast_cancer",
-        description="Registered model name used by train.py when --name is not given, and served by default.",
+        description="Model name train.py uses for the bundled data, and the model served by default.",
     )
     model_tag: str | None = Field(
         default=None,
-        description="BentoML model tag to serve, e.g. 'breast_cancer:abc123'. Default: '<model_name>:latest'.",
+        description="BentoML model tag to serve, e.g. breast_cancer:abc123. Default: <model_name>:latest.",
     )
     mlflow_experiment: str = Field(default="tabserve", description="MLflow experiment for training runs.")
     mlflow_tracking_uri: str | None = Field(

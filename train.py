@@ -31,9 +31,12 @@ logging.getLogger("mlflow").setLevel(logging.ERROR)
 @app.command(help=__doc__)
 def main(
     data: Annotated[
-        Path | None, typer.Option(help="CSV or Parquet training table. Default: scikit-learn's breast-cancer data.")
+        Path | None,
+        typer.Option(help="CSV or Parquet training table. Default: scikit-learn's breast-cancer data."),
     ] = None,
-    target: Annotated[str | None, typer.Option(help="Target column of --data (required with --data).")] = None,
+    target: Annotated[
+        str | None, typer.Option(help="Target column of --data (required with --data).")
+    ] = None,
     name: Annotated[
         str | None,
         typer.Option(
@@ -42,7 +45,8 @@ def main(
         ),
     ] = None,
     drop: Annotated[
-        list[str] | None, typer.Option(help="Column of --data not to use as a feature (repeatable), e.g. an id.")
+        list[str] | None,
+        typer.Option(help="Column of --data not to use as a feature (repeatable), e.g. an id."),
     ] = None,
     task: Annotated[
         Task, typer.Option(help="auto: classification for text, boolean or few-valued integer targets.")
@@ -57,12 +61,23 @@ def main(
     margin: Annotated[
         float, typer.Option(help="How much the new version must beat the champion by, in metric units.")
     ] = 0.0,
-    force: Annotated[bool, typer.Option(help="Promote to champion even if the gate says no; recorded as a tag.")] = False,
-    seed: Annotated[int, typer.Option(help="Seed for the split, the folds, the models and the reference sample.")] = 42,
-    test_size: Annotated[float, typer.Option(help="Share of rows held out for the final test (0.05-0.5).")] = 0.2,
-    cv_folds: Annotated[int, typer.Option(min=2, max=20, help="Cross-validation folds for candidate selection.")] = 5,
+    force: Annotated[
+        bool, typer.Option(help="Promote to champion even if the gate says no; recorded as a tag.")
+    ] = False,
+    seed: Annotated[
+        int, typer.Option(help="Seed for the split, the folds, the models and the reference sample.")
+    ] = 42,
+    test_size: Annotated[
+        float, typer.Option(help="Share of rows held out for the final test (0.05-0.5).")
+    ] = 0.2,
+    cv_folds: Annotated[
+        int, typer.Option(min=2, max=20, help="Cross-validation folds for candidate selection.")
+    ] = 5,
     if_missing: Annotated[
-        bool, typer.Option(help="Do nothing if the BentoML store already holds a model of this name (for `make serve`).")
+        bool,
+        typer.Option(
+            help="Do nothing if the BentoML store already holds a model of this name (for `make serve`)."
+        ),
     ] = False,
 ) -> None:
     options = TrainingOptions(
@@ -93,11 +108,17 @@ def main(
 def print_summary(result: TrainingResult) -> None:
     table = Table(title=f"{result.name}: {result.task} in {result.seconds:.1f} s", show_header=False)
     table.add_row("chosen estimator", result.estimator)
-    table.add_row("test metrics", "  ".join(f"{key} {value:.4f}" for key, value in result.test_metrics.items()))
+    table.add_row(
+        "test metrics", "  ".join(f"{key} {value:.4f}" for key, value in result.test_metrics.items())
+    )
     table.add_row("mlflow run", result.run_id)
-    table.add_row("registered version", f"{result.name} v{result.registered_version} -> {result.decision.alias}")
+    table.add_row(
+        "registered version", f"{result.name} v{result.registered_version} -> {result.decision.alias}"
+    )
     table.add_row("gate", result.decision.reason)
-    table.add_row("champion before / after", f"{_version(result.champion_before)} / {_version(result.champion_after)}")
+    table.add_row(
+        "champion before / after", f"{_version(result.champion_before)} / {_version(result.champion_after)}"
+    )
     table.add_row("bentoml store", result.bento_tag or "unchanged (not promoted)")
     table.add_row("data digest", result.dataset_digest)
     Console().print(table)

@@ -34,7 +34,9 @@ def preprocessor(schema: FeatureSchema, scale: bool) -> ColumnTransformer:
         SimpleImputer(strategy="constant", fill_value=MISSING_CATEGORY),
         # Unseen categories at serving time encode as all zeros (or the pooled infrequent column).
         OneHotEncoder(
-            handle_unknown="infrequent_if_exist", max_categories=MAX_CATEGORIES_PER_COLUMN, sparse_output=False
+            handle_unknown="infrequent_if_exist",
+            max_categories=MAX_CATEGORIES_PER_COLUMN,
+            sparse_output=False,
         ),
     )
     numeric_like = schema.names_of(FeatureKind.NUMERIC) + schema.names_of(FeatureKind.BOOLEAN)
@@ -56,7 +58,10 @@ def candidates(task: Task, schema: FeatureSchema, seed: int) -> dict[str, Pipeli
                 RandomForestClassifier(n_estimators=200, min_samples_leaf=2, random_state=seed, n_jobs=1),
                 False,
             ),
-            "hist_gradient_boosting": (HistGradientBoostingClassifier(max_iter=100, random_state=seed), False),
+            "hist_gradient_boosting": (
+                HistGradientBoostingClassifier(max_iter=100, random_state=seed),
+                False,
+            ),
         }
     else:
         estimators = {

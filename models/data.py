@@ -107,16 +107,22 @@ def validate(table: Table, task: Task, test_size: float, cv_folds: int) -> Table
     if task is Task.CLASSIFICATION:
         counts = target.value_counts()
         if len(counts) < 2:
-            raise InputError(f"target '{target.name}' has only one class ({counts.index[0]!r}): nothing to learn")
+            raise InputError(
+                f"target '{target.name}' has only one class ({counts.index[0]!r}): nothing to learn"
+            )
         # Every class must reach the test split and every cross-validation fold.
         needed = max(cv_folds, 2) + max(1, round(1 / test_size))
         rare = counts[counts < needed]
         if not rare.empty:
             listed = ", ".join(f"{label!r}: {count}" for label, count in rare.items())
-            raise InputError(f"classes with fewer than {needed} rows cannot be split and validated ({listed})")
+            raise InputError(
+                f"classes with fewer than {needed} rows cannot be split and validated ({listed})"
+            )
     elif target.nunique() < 2:
         raise InputError(f"target '{target.name}' is constant: nothing to learn")
-    return Table(features=features.reset_index(drop=True), target=target.reset_index(drop=True), source=table.source)
+    return Table(
+        features=features.reset_index(drop=True), target=target.reset_index(drop=True), source=table.source
+    )
 
 
 def split(table: Table, task: Task, test_size: float, seed: int) -> Split:

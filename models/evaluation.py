@@ -69,7 +69,14 @@ class CandidateScore:
 
 
 def cross_validate(
-    name: str, pipeline: Pipeline, X: pd.DataFrame, y: pd.Series, task: Task, metric: Metric, folds: int, seed: int
+    name: str,
+    pipeline: Pipeline,
+    X: pd.DataFrame,
+    y: pd.Series,
+    task: Task,
+    metric: Metric,
+    folds: int,
+    seed: int,
 ) -> CandidateScore:
     """Score a candidate by k-fold cross-validation on the training split, in the metric's own units."""
     splitter = (
@@ -111,11 +118,14 @@ def test_metrics(model: Pipeline, X: pd.DataFrame, y: pd.Series, task: Task) -> 
 
 
 def plots(model: Pipeline, X: pd.DataFrame, y: pd.Series, task: Task) -> dict[str, Figure]:
-    """Figures by artifact file name: confusion matrix and ROC curves, or predicted-vs-actual and residuals."""
+    """Figures by artifact file name: confusion matrix and ROC, or predicted-vs-actual and residuals."""
     if task is Task.REGRESSION:
         predicted = model.predict(X)
         figures = {}
-        for kind, name in [("actual_vs_predicted", "actual_vs_predicted.png"), ("residual_vs_predicted", "residuals.png")]:
+        for kind, name in [
+            ("actual_vs_predicted", "actual_vs_predicted.png"),
+            ("residual_vs_predicted", "residuals.png"),
+        ]:
             figure, axis = plt.subplots(figsize=(6, 5))
             skm.PredictionErrorDisplay.from_predictions(y, predicted, kind=kind, ax=axis)
             figures[name] = figure
@@ -128,7 +138,9 @@ def plots(model: Pipeline, X: pd.DataFrame, y: pd.Series, task: Task) -> dict[st
     truth = y.astype(str).to_numpy()
 
     confusion, axis = plt.subplots(figsize=(6, 5))
-    skm.ConfusionMatrixDisplay.from_predictions(truth, predicted.astype(str), labels=labels, ax=axis, colorbar=False)
+    skm.ConfusionMatrixDisplay.from_predictions(
+        truth, predicted.astype(str), labels=labels, ax=axis, colorbar=False
+    )
     axis.set_title("Confusion matrix (held-out test rows)")
 
     roc, axis = plt.subplots(figsize=(6, 5))

@@ -30,7 +30,9 @@ class Decision:
         return CHAMPION if self.promote else CHALLENGER
 
 
-def decide(metric: Metric, new_score: float, margin: float, force: bool, champion: ChampionScore | None) -> Decision:
+def decide(
+    metric: Metric, new_score: float, margin: float, force: bool, champion: ChampionScore | None
+) -> Decision:
     if champion is None:
         return Decision(promote=True, forced=False, reason="first version: no champion yet")
     if champion.incomparable is not None or champion.score is None:

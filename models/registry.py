@@ -103,4 +103,3 @@ def discard_version(client: MlflowClient, name: str, version: str) -> None:
     client.delete_model_version(name, version)
     if not client.search_model_versions(f"name = '{name}'"):
         client.delete_registered_model(name)
-

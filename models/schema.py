@@ -62,7 +62,9 @@ class FeatureSchema(BaseModel):
         missing = [name for name in self.names if name not in frame.columns]
         if missing:
             raise InputError(f"missing feature columns: {', '.join(missing)}")
-        return pd.DataFrame({feature.name: _prepare_column(feature, frame[feature.name]) for feature in self.features})
+        return pd.DataFrame(
+            {feature.name: _prepare_column(feature, frame[feature.name]) for feature in self.features}
+        )
 
     def incompatibility(self, other: FeatureSchema) -> str | None:
         """Why a model trained on `self` cannot score rows described by `other`, or None if it can."""
@@ -92,9 +94,11 @@ class FeatureSchema(BaseModel):
                 default = None
             fields[field_name] = (
                 annotation,
-                Field(default, alias=feature.name, description=_describe(feature), examples=_example(feature)),
+                Field(
+                    default, alias=feature.name, description=_describe(feature), examples=_example(feature)
+                ),
             )
-        return create_model(  # type: ignore[call-overload, no-any-return]
+        return create_model(
             title,
             __config__=ConfigDict(extra="forbid", populate_by_name=False, allow_inf_nan=False),
             **fields,
@@ -115,7 +119,12 @@ def field_names(columns: list[str]) -> list[str]:
     result = []
     for column in columns:
         base = re.sub(r"\W", "_", column).strip("_") or "feature"
-        if base[0].isdigit() or keyword.iskeyword(base) or base.startswith("model_") or hasattr(BaseModel, base):
+        if (
+            base[0].isdigit()
+            or keyword.iskeyword(base)
+            or base.startswith("model_")
+            or hasattr(BaseModel, base)
+        ):
             base = f"f_{base}"
         name, counter = base, 1
         while name in taken:
@@ -130,16 +139,25 @@ def _infer_feature(name: str, column: pd.Series) -> Feature:
     if column.isna().all():
         raise InputError(f"column '{name}' has no values at all; remove it with --drop")
     kind = _infer_kind(name, column)
-    common = {"name": name, "kind": kind, "dtype": str(column.dtype), "nullable": bool(column.isna().any())}
+    minimum = maximum = None
+    categories: list[str] = []
     if kind is FeatureKind.NUMERIC:
         values = column.astype("float64")
         if np.isinf(values).any():
             raise InputError(f"column '{name}' contains infinite values")
-        return Feature(**common, minimum=float(values.min()), maximum=float(values.max()))
-    if kind is FeatureKind.CATEGORICAL:
+        minimum, maximum = float(values.min()), float(values.max())
+    elif kind is FeatureKind.CATEGORICAL:
         counts = _prepare_column_categorical(column).value_counts()
-        return Feature(**common, categories=[str(value) for value in counts.index[:MAX_STORED_CATEGORIES]])
-    return Feature(**common)
+        categories = [str(value) for value in counts.index[:MAX_STORED_CATEGORIES]]
+    return Feature(
+        name=name,
+        kind=kind,
+        dtype=str(column.dtype),
+        nullable=bool(column.isna().any()),
+        minimum=minimum,
+        maximum=maximum,
+        categories=categories,
+    )
 
 
 def _infer_kind(name: str, column: pd.Series) -> FeatureKind:
@@ -177,7 +195,9 @@ def _describe(feature: Feature) -> str:
         text += f"; training range [{feature.minimum:g}, {feature.maximum:g}]"
     elif feature.kind is FeatureKind.CATEGORICAL:
         shown = ", ".join(feature.categories[:10])
-        text += f"; seen: {shown}{', ...' if len(feature.categories) > 10 else ''}; unseen values are accepted"
+        text += (
+            f"; seen: {shown}{', ...' if len(feature.categories) > 10 else ''}; unseen values are accepted"
+        )
     if feature.nullable:
         text += "; may be null or omitted"
     return text

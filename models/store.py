@@ -100,7 +100,9 @@ class StoredModel:
             model = bentoml.models.get(tag)
         except NotFound:
             home = os.environ.get("BENTOML_HOME", "~/bentoml")
-            raise InputError(f"no model '{tag}' in the BentoML store at {home}: train one with `python train.py`") from None
+            raise InputError(
+                f"no model '{tag}' in the BentoML store at {home}: train one with `python train.py`"
+            ) from None
         path = Path(model.path)
         return cls(
             tag=str(model.tag),

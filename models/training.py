@@ -14,19 +14,27 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import bentoml
 import matplotlib.pyplot as plt
 import mlflow
-import mlflow.data
 import pandas as pd
-from mlflow import MlflowClient
+from mlflow.data.pandas_dataset import from_pandas
 
 from models import registry, store
 from models.candidates import candidates
 from models.data import Split, Task, load_default, load_table, resolve_task, split, validate
 from models.errors import InputError
-from models.evaluation import DEFAULT_METRIC, METRICS, CandidateScore, Metric, cross_validate, plots, test_metrics
+from models.evaluation import (
+    DEFAULT_METRIC,
+    METRICS,
+    CandidateScore,
+    Metric,
+    cross_validate,
+    plots,
+    test_metrics,
+)
 from models.gate import ChampionScore, Decision, decide
 from models.schema import FeatureSchema
 from settings import Settings
@@ -101,7 +109,11 @@ def train(options: TrainingOptions, settings: Settings, progress: Callable[[str]
         raise InputError(f"--test-size must be between 0.05 and 0.5, got {options.test_size}")
 
     progress("Loading and checking the data")
-    table = load_default() if options.data is None else load_table(options.data, str(options.target), list(options.drop))
+    table = (
+        load_default()
+        if options.data is None
+        else load_table(options.data, str(options.target), list(options.drop))
+    )
     task = resolve_task(table.target, options.task)
     metric = resolve_metric(options.metric, task)
     table = validate(table, task, options.test_size, options.cv_folds)
@@ -119,7 +131,7 @@ def train(options: TrainingOptions, settings: Settings, progress: Callable[[str]
     with warnings.catch_warnings():
         # MLflow warns that a local path "can be interpreted in multiple ways"; both ways are the same source.
         warnings.simplefilter("ignore", UserWarning)
-        dataset = mlflow.data.from_pandas(
+        dataset = from_pandas(
             pd.concat([table.features, table.target], axis=1),
             source=table.source,
             targets=str(table.target.name),
@@ -180,7 +192,9 @@ def train(options: TrainingOptions, settings: Settings, progress: Callable[[str]
         progress(f"  {decision.reason}")
 
         progress("Registering the model version in MLflow")
-        version = registry.log_and_register(client, model, name, X_train.head(5), model.predict(X_train.head(5)))
+        version = registry.log_and_register(
+            client, model, name, X_train.head(5), model.predict(X_train.head(5))
+        )
         trained_at = datetime.now(UTC).isoformat(timespec="seconds")
         bento_tag = None
         try:
@@ -191,7 +205,13 @@ def train(options: TrainingOptions, settings: Settings, progress: Callable[[str]
                     model,
                     schema,
                     store.reference_set(
-                        model, schema, parts.X_train, parts.y_train, task, settings.reference_rows, options.seed
+                        model,
+                        schema,
+                        parts.X_train,
+                        parts.y_train,
+                        task,
+                        settings.reference_rows,
+                        options.seed,
                     ),
                     labels={
                         "mlflow_run_id": run.info.run_id,
@@ -218,7 +238,9 @@ def train(options: TrainingOptions, settings: Settings, progress: Callable[[str]
                 )
             client.set_registered_model_alias(name, decision.alias, str(version.version))
             for key, value in {
-                "promotion": "forced" if decision.forced else ("promoted" if decision.promote else "rejected"),
+                "promotion": "forced"
+                if decision.forced
+                else ("promoted" if decision.promote else "rejected"),
                 "gate_reason": decision.reason,
                 "dataset_digest": dataset.digest,
                 "bento_tag": bento_tag or "-",
@@ -229,7 +251,9 @@ def train(options: TrainingOptions, settings: Settings, progress: Callable[[str]
                 bentoml.models.delete(bento_tag)
             registry.discard_version(client, name, str(version.version))
             raise
-        mlflow.set_tags({"promotion": decision.alias, "forced": str(decision.forced), "bento_tag": bento_tag or "-"})
+        mlflow.set_tags(
+            {"promotion": decision.alias, "forced": str(decision.forced), "bento_tag": bento_tag or "-"}
+        )
 
     return TrainingResult(
         name=name,
@@ -250,12 +274,19 @@ def train(options: TrainingOptions, settings: Settings, progress: Callable[[str]
 
 
 def score_champion(
-    champion: registry.Champion, name: str, schema: FeatureSchema, card: dict[str, object], metric: Metric, parts: Split
+    champion: registry.Champion,
+    name: str,
+    schema: FeatureSchema,
+    card: dict[str, Any],
+    metric: Metric,
+    parts: Split,
 ) -> ChampionScore:
     """Score the champion on the new held-out rows, or say why it cannot be scored on them."""
     old = champion.card
     if old["task"] != card["task"]:
-        return ChampionScore(champion.version, None, f"champion is a {old['task']} model, this is {card['task']}")
+        return ChampionScore(
+            champion.version, None, f"champion is a {old['task']} model, this is {card['task']}"
+        )
     old_schema = FeatureSchema.model_validate(old["feature_schema"])
     reason = old_schema.incompatibility(schema)
     if reason is None and old["classes"] is not None:
@@ -267,4 +298,3 @@ def score_champion(
     pipeline = registry.load_version(name, champion.version)
     score = test_metrics(pipeline, old_schema.prepare(parts.X_test), parts.y_test, Task(str(old["task"])))
     return ChampionScore(champion.version, score[metric.name])
-

@@ -60,7 +60,9 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stores]:
         yield stores
 
 
-def run_train(stores: Stores, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_train(
+    stores: Stores, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "train.py", *args],
         cwd=PROJECT_ROOT,

@@ -17,7 +17,13 @@ def mixed_table(rows: int = 400, classes: int = 2, regression: bool = False, see
     signal = (age - 45) / 12 + (city == "paris") * 1.5 - (city == "nice") * 1.0 + member * 0.8
     signal += rng.normal(0, 0.5, rows)
     frame = pd.DataFrame(
-        {"age": age, "income": income, "city": city, "member": member.astype(object), "customer_id": range(rows)}
+        {
+            "age": age,
+            "income": income,
+            "city": city,
+            "member": member.astype(object),
+            "customer_id": range(rows),
+        }
     )
     if regression:
         frame["spend"] = 100 + 40 * signal

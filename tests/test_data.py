@@ -37,7 +37,9 @@ def test_csv_and_parquet_read_the_same(tmp_path: Path) -> None:
         ("\x00\x01garbage", ".parquet", "cannot read"),
     ],
 )
-def test_unreadable_files_are_named_in_one_line(tmp_path: Path, content: str | None, suffix: str, message: str) -> None:
+def test_unreadable_files_are_named_in_one_line(
+    tmp_path: Path, content: str | None, suffix: str, message: str
+) -> None:
     path = tmp_path / f"data{suffix}"
     if content is not None:
         path.write_text(content)

@@ -30,7 +30,9 @@ def test_kinds_ranges_categories_and_missing_are_learnt(schema: FeatureSchema) -
 
 
 def test_prepare_gives_floats_and_strings_with_nan_for_missing(schema: FeatureSchema) -> None:
-    raw = pd.DataFrame({"city": ["paris", None], "member": [True, None], "income": [1.0, None], "age": [30, None]})
+    raw = pd.DataFrame(
+        {"city": ["paris", None], "member": [True, None], "income": [1.0, None], "age": [30, None]}
+    )
     prepared = schema.prepare(raw)
     assert list(prepared.columns) == schema.names
     assert prepared["member"].tolist()[0] == 1.0
@@ -78,7 +80,9 @@ def test_incompatibility_says_what_changed(schema: FeatureSchema) -> None:
     assert schema.incompatibility(schema) is None
     fewer = FeatureSchema(features=schema.features[1:])
     assert "missing ['age']" in str(schema.incompatibility(fewer))
-    retyped = FeatureSchema.infer(pd.DataFrame({"age": ["old"], "income": [1.0], "city": ["x"], "member": [True]}))
+    retyped = FeatureSchema.infer(
+        pd.DataFrame({"age": ["old"], "income": [1.0], "city": ["x"], "member": [True]})
+    )
     assert schema.incompatibility(retyped) == "feature 'age' was numeric, is now categorical"
 
 

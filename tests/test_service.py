@@ -45,7 +45,9 @@ def server(stores: Stores, default_model: subprocess.CompletedProcess[str]) -> I
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            assert process.poll() is None, f"bentoml serve exited:\n{process.stdout.read() if process.stdout else ''}"
+            assert process.poll() is None, (
+                f"bentoml serve exited:\n{process.stdout.read() if process.stdout else ''}"
+            )
             try:
                 if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
                     break
@@ -97,14 +99,21 @@ def with_change(record: dict[str, float], **change: object) -> str:
         ("NaN", lambda r: with_change(r, mean_radius=float("nan")), "mean radius", "finite number"),
         ("Infinity", lambda r: with_change(r, mean_radius=float("inf")), "mean radius", "finite number"),
         ("unknown field", lambda r: with_change(r, colour="red"), "colour", "Extra inputs are not permitted"),
-        ("missing field", lambda r: json.dumps({k: v for k, v in r.items() if k != "worst area"}), "worst area", "Field required"),
+        (
+            "missing field",
+            lambda r: json.dumps({k: v for k, v in r.items() if k != "worst area"}),
+            "worst area",
+            "Field required",
+        ),
     ],
 )
 def test_invalid_records_get_400_naming_the_field(
     server: str, record: dict[str, float], case: str, make_body: object, field: str, problem: str
 ) -> None:
     body = make_body(record)  # type: ignore[operator]
-    response = httpx.post(f"{server}/predict", content=body, headers={"content-type": "application/json"}, timeout=30)
+    response = httpx.post(
+        f"{server}/predict", content=body, headers={"content-type": "application/json"}, timeout=30
+    )
     assert response.status_code == 400, case
     [error] = response.json()["detail"]
     assert error["loc"] == [field]
@@ -112,7 +121,9 @@ def test_invalid_records_get_400_naming_the_field(
 
 
 def test_malformed_json_gets_400_and_the_server_keeps_serving(server: str, record: dict[str, float]) -> None:
-    response = httpx.post(f"{server}/predict", content=b"{not json", headers={"content-type": "application/json"})
+    response = httpx.post(
+        f"{server}/predict", content=b"{not json", headers={"content-type": "application/json"}
+    )
     assert response.status_code == 400
     assert "Invalid JSON" in response.text
     assert httpx.post(f"{server}/predict", json=record, timeout=30).status_code == 200

@@ -41,7 +41,9 @@ def test_metadata_describes_the_model_and_its_data(stores: Stores, stored: Store
     run = stores.client().get_run(stored.labels["mlflow_run_id"])
     assert meta["task"] == "classification"
     assert meta["classes"] == ["benign", "malignant"]
-    assert meta["test_metrics"] == pytest.approx({k[5:]: v for k, v in run.data.metrics.items() if k.startswith("test_")})
+    assert meta["test_metrics"] == pytest.approx(
+        {k[5:]: v for k, v in run.data.metrics.items() if k.startswith("test_")}
+    )
     assert meta["dataset_digest"] == run.inputs.dataset_inputs[0].dataset.digest
     assert meta["training_seconds"] > 0
     assert meta["trained_at"].startswith("20")
@@ -95,6 +97,11 @@ def test_bentoml_cli_shows_labels_and_metadata(stores: Stores, stored: StoredMod
     assert info["labels"]["registered_version"] == stored.labels["registered_version"]
     assert info["metadata"]["dataset_digest"] == stored.metadata["dataset_digest"]
     listed = subprocess.run(
-        [str(bentoml), "models", "list"], env=stores.env(), capture_output=True, text=True, check=True, timeout=120
+        [str(bentoml), "models", "list"],
+        env=stores.env(),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
     )
     assert stored.tag in listed.stdout

@@ -47,7 +47,7 @@ def test_default_run_trains_registers_and_stores_the_champion(
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert artifacts == {"plots/confusion_matrix.png", "plots/roc_curve.png"}
     [dataset] = run.inputs.dataset_inputs
-    assert dataset.dataset.source and "load_breast_cancer" in dataset.dataset.source
+    assert "load_breast_cancer" in str(dataset.dataset.source)
     assert dataset.dataset.digest == version.tags["dataset_digest"]
     # The MLflow store lives in the configured data directory, not in the working directory.
     assert (stores.data_dir / "mlflow.db").is_file()
@@ -55,12 +55,24 @@ def test_default_run_trains_registers_and_stores_the_champion(
 
 
 @pytest.mark.parametrize(("classes", "metric"), [(2, "roc_auc"), (3, "f1_macro")])
-def test_own_csv_with_text_booleans_and_missing_values(stores: Stores, tmp_path: Path, classes: int, metric: str) -> None:
+def test_own_csv_with_text_booleans_and_missing_values(
+    stores: Stores, tmp_path: Path, classes: int, metric: str
+) -> None:
     path = tmp_path / "customers.csv"
     mixed_table(rows=400, classes=classes).to_csv(path, index=False)
     name = f"customers-{classes}"
     result = run_train(
-        stores, "--data", str(path), "--target", "segment", "--drop", "customer_id", "--name", name, "--metric", metric
+        stores,
+        "--data",
+        str(path),
+        "--target",
+        "segment",
+        "--drop",
+        "customer_id",
+        "--name",
+        name,
+        "--metric",
+        metric,
     )
     assert_ok(result)
     stored = StoredModel.open(f"{name}:latest")
@@ -107,7 +119,16 @@ def test_promotion_gate_lifecycle(stores: Stores, tmp_path: Path) -> None:
         frame.to_csv(tmp_path / f"{label}.csv", index=False)
 
     def train(label: str, *extra: str) -> subprocess.CompletedProcess[str]:
-        args = ("--data", str(tmp_path / f"{label}.csv"), "--target", "diagnosis", "--name", name, "--cv-folds", "3")
+        args = (
+            "--data",
+            str(tmp_path / f"{label}.csv"),
+            "--target",
+            "diagnosis",
+            "--name",
+            name,
+            "--cv-folds",
+            "3",
+        )
         result = run_train(stores, *args, *extra)
         assert_ok(result)
         return result
@@ -134,7 +155,9 @@ def test_promotion_gate_lifecycle(stores: Stores, tmp_path: Path) -> None:
     assert StoredModel.open(f"{name}:latest").labels["registered_version"] == "4"
 
     refused = train("clean", "--drop", "mean radius")
-    assert "cannot compare with champion v4: feature columns differ: missing ['mean radius']" in refused.stderr
+    assert (
+        "cannot compare with champion v4: feature columns differ: missing ['mean radius']" in refused.stderr
+    )
     assert champion_version(stores, name) == "4"
 
     train("clean", "--drop", "mean radius", "--force")
