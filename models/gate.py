@@ -43,7 +43,10 @@ def decide(
     gain = metric.improvement(new_score, champion.score)
     scores = f"{metric.name} {new_score:.4f} vs champion v{champion.version} {champion.score:.4f}"
     if gain > margin:
-        return Decision(promote=True, forced=False, reason=f"better: {scores} (needed > {margin:+.4f})")
+        return Decision(
+            promote=True, forced=False, reason=f"better: {scores} (gain {gain:+.4f} > margin {margin:.4f})"
+        )
+    not_better = f"not better: {scores} (gain {gain:+.4f} does not exceed margin {margin:.4f})"
     if force:
-        return Decision(promote=True, forced=True, reason=f"forced; not better: {scores}")
-    return Decision(promote=False, forced=False, reason=f"not better: {scores} (needed > {margin:+.4f})")
+        return Decision(promote=True, forced=True, reason=f"forced; {not_better}")
+    return Decision(promote=False, forced=False, reason=not_better)
