@@ -47,5 +47,15 @@ format: setup
 	.venv/bin/ruff check --fix .
 	.venv/bin/ruff format .
 
+# The Open Inference Protocol's gRPC stubs, checked in. They are loaded into a private descriptor pool, not
+# protobuf's default one: tritonclient's stubs define the same `inference.*` messages there, and a process
+# that imports both (the tests: our server, tritonclient's client) would fail with "duplicate symbol".
+.PHONY: proto
+proto: setup
+	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. serving/oip/grpc_predict_v2.proto
+	perl -pi -e 's/_descriptor_pool\.Default\(\)\.AddSerializedFile\(/_descriptor_pool.DescriptorPool().AddSerializedFile(/' \
+		serving/oip/grpc_predict_v2_pb2.py
+	grep -q '_descriptor_pool.DescriptorPool().AddSerializedFile(' serving/oip/grpc_predict_v2_pb2.py
+
 clean:
 	rm -rf .venv .tools .pytest_cache .ruff_cache .mypy_cache

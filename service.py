@@ -1,22 +1,39 @@
-"""The BentoML service: typed predictions from the champion model in the BentoML model store.
+"""The BentoML services: typed, adaptively batched predictions from the champion in the BentoML store.
 
-    bentoml serve            # http://localhost:3000, OpenAPI docs at /docs
+    bentoml serve        # HTTP and OIP REST on :3000 (OpenAPI docs at /docs), OIP gRPC on :3001
 
-The request schema of /predict is generated from the feature schema stored with the model, so the body is
-the record itself, keyed by the training column names: {"mean radius": 14.1, ...}.
+Two services, one concern each:
+- `ModelRunner` owns the model and one batchable API; BentoML merges the rows of concurrent calls into
+  one model call (adaptive batching), whichever transport they came from.
+- `Tabserve` owns the transports: BentoML HTTP APIs typed from the stored feature schema, the Open
+  Inference Protocol over REST (mounted at /v2) and over gRPC (its own server, started with the service).
+  All of them go through one data plane (serving/dataplane.py).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import signal
+from http import HTTPStatus
+from types import FrameType
+from typing import Annotated, Any
 
 import bentoml
+import numpy as np
 import pandas as pd
+from bentoml.exceptions import BentoMLException
 from pydantic import BaseModel, Field
+from starlette.applications import Starlette
 
 from models.errors import InputError
-from models.schema import field_names
 from models.store import StoredModel
+from serving import oip_rest
+from serving.dataplane import DataPlane
+from serving.errors import ServingError
+from serving.metrics import serving_metrics
+from serving.oip.grpc_server import GrpcServer, start_grpc_server
+from serving.predlog import PredictionLog
+from serving.rest import HttpLimits, model_info_route
 from settings import get_settings
 
 settings = get_settings()
@@ -25,14 +42,17 @@ try:
 except InputError as exc:
     raise SystemExit(f"error: {exc}") from None
 
-Features = champion.schema.request_model(title=f"{champion.name} features")
-COLUMN_OF_FIELD = dict(zip(field_names(champion.schema.names), champion.schema.names, strict=True))
+Record = champion.schema.request_model(title="Record")
+Records = Annotated[list[Record], Field(min_length=1, max_length=settings.max_batch_records)]  # type: ignore[valid-type]
 
 
 class Prediction(BaseModel):
     prediction: str | int | float | bool = Field(description="predicted class label, or value for regression")
     probabilities: dict[str, float] | None = Field(
         None, description="probability of each class (classification)"
+    )
+    unknown_categories: dict[str, str] = Field(
+        description="values of categorical features never seen in training"
     )
     model: str = Field(description="model name")
     version: str = Field(description="BentoML model version")
@@ -41,34 +61,120 @@ class Prediction(BaseModel):
     data_digest: str = Field(description="digest of the training data (MLflow dataset digest)")
 
 
-@bentoml.service(name="tabserve", traffic={"timeout": 30})
-class TabularModel:
+# Workaround for BentoML issue #5540: the client of a `bentoml.depends` service replaces its HTTP session
+# every 100 requests and closes it under in-flight calls; never recycling it avoids the failures.
+RUNNER_CONNECTION = {"max_requests": 2**31 - 1, "max_age": 1e9}
+# How long accepted gRPC calls may take to finish after SIGTERM.
+GRACE_SECONDS = 30
+
+
+@bentoml.service(
+    name="tabserve-model", workers=1, runner_connection=RUNNER_CONNECTION, traffic={"timeout": 60}
+)
+class ModelRunner:
     # Declared so that `bentoml build` packs exactly this model version into the bento.
     bento_model = bentoml.models.BentoModel(champion.tag)
 
     def __init__(self) -> None:
-        self.model = champion
-        # Unpickle the pipeline and run it once now, so that the first request is not the slow one.
-        self.model.predict(champion.load_reference().head(1))
-        self.lineage = {
-            "model": champion.name,
-            "version": champion.version,
-            "registered_version": champion.labels["registered_version"],
-            "mlflow_run_id": champion.labels["mlflow_run_id"],
-            "data_digest": champion.metadata["dataset_digest"],
-        }
+        self.pipeline = champion.pipeline
+        self.classification = champion.classes is not None
+        self.batch_rows = serving_metrics().batch_rows.labels(model=champion.name)
+        warm_up = champion.schema.prepare(champion.load_reference().head(1))
+        self.infer(
+            warm_up.to_numpy(dtype=object)
+        )  # unpickle and run the model once, before the first request
 
-    @bentoml.api(route="/predict", input_spec=Features)
-    def predict(self, **features: Any) -> Prediction:
-        record = {COLUMN_OF_FIELD[field]: value for field, value in features.items()}
-        result = self.model.predict(pd.DataFrame([record]))
-        probabilities = None
-        if result.probabilities is not None and result.classes is not None:
-            probabilities = {
-                str(label): float(p) for label, p in zip(result.classes, result.probabilities[0], strict=True)
-            }
-        return Prediction(
-            prediction=result.labels.tolist()[0],  # tolist(): native Python types for JSON
-            probabilities=probabilities,
-            **self.lineage,
+    @bentoml.api(
+        batchable=True, max_batch_size=settings.max_batch_rows, max_latency_ms=settings.max_latency_ms
+    )
+    def infer(self, rows: np.ndarray) -> np.ndarray:
+        """Prepared rows (schema column order) in; class probabilities or predicted values out."""
+        self.batch_rows.observe(len(rows))
+        frame = champion.schema.prepare(pd.DataFrame(rows, columns=champion.schema.names))
+        if self.classification:
+            return self.pipeline.predict_proba(frame)
+        return self.pipeline.predict(frame)
+
+
+def current_plane() -> DataPlane:
+    plane: DataPlane = bentoml.get_current_service().plane
+    return plane
+
+
+# Routes that BentoML's POST-only APIs cannot express. Mounted at the root (BentoML's own routes still come
+# first), since a mount at /v2 or /model would answer the bare path with a redirect.
+extra_routes = Starlette(routes=[model_info_route(current_plane), *oip_rest.routes(current_plane)])
+
+
+@bentoml.service(name="tabserve", traffic={"timeout": 60})
+@bentoml.asgi_app(extra_routes, path="/")
+class Tabserve:
+    runner = bentoml.depends(ModelRunner)
+
+    def __init__(self) -> None:
+        metrics = serving_metrics()
+        self.log = PredictionLog(
+            settings.log_dir,
+            settings.prediction_log_max_bytes,
+            settings.prediction_log_backups,
+            on_drop=metrics.log_dropped.inc,
         )
+        self.plane = DataPlane(champion, self._call_model, self.log, metrics)
+        self.grpc: GrpcServer | None = None
+        self._grpc_stopped: asyncio.Future[None] | None = None
+
+    @bentoml.on_startup
+    async def start_grpc(self) -> None:
+        if settings.grpc_port:
+            self.grpc = await start_grpc_server(self.plane, settings.grpc_host, settings.grpc_port)
+        # uvicorn drains HTTP on SIGTERM and runs on_shutdown only afterwards; gRPC must stop taking new
+        # calls at the signal too. Chain in front of uvicorn's handler, which stays in charge of HTTP.
+        loop = asyncio.get_running_loop()
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def on_sigterm(signum: int, frame: FrameType | None) -> None:
+            loop.call_soon_threadsafe(self._begin_drain)
+            if callable(previous):
+                previous(signum, frame)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+    async def _call_model(self, rows: np.ndarray) -> np.ndarray:
+        # The dependency's client knows its methods only once the service has started.
+        result: np.ndarray = await self.runner.to_async.infer(rows)
+        return result
+
+    def _begin_drain(self) -> None:
+        self.plane.start_draining()
+        if self.grpc is not None:
+            self._grpc_stopped = asyncio.ensure_future(self.grpc.stop(grace=GRACE_SECONDS))
+
+    @bentoml.on_shutdown
+    async def stop(self) -> None:
+        if self._grpc_stopped is None:
+            self._begin_drain()
+        if self._grpc_stopped is not None:
+            await self._grpc_stopped
+        self.log.close()
+
+    @bentoml.api(route="/predict")
+    async def predict(self, record: Record, /) -> Prediction:  # type: ignore[valid-type]
+        """One record, keyed by the training column names."""
+        [answer] = await self._predict([record], "/predict")
+        return answer
+
+    @bentoml.api(route="/predict_batch")
+    async def predict_batch(self, records: Records, /) -> list[Prediction]:
+        """A JSON list of records; one answer per record, in order."""
+        return await self._predict(records, "/predict_batch")
+
+    async def _predict(self, records: list[Any], endpoint: str) -> list[Prediction]:
+        try:
+            batch = await self.plane.predict_frame(self.plane.frame_from_records(records), "http", endpoint)
+        except ServingError as error:
+            self.plane.refused(error, "http")
+            raise BentoMLException(error.message, error_code=HTTPStatus(error.status)) from None
+        return [Prediction(**answer) for answer in self.plane.responses(batch)]
+
+
+Tabserve.add_asgi_middleware(HttpLimits, max_body_bytes=settings.max_body_bytes)  # type: ignore[attr-defined]

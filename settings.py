@@ -49,6 +49,25 @@ class Settings(BaseSettings):
     reference_rows: int = Field(
         default=1000, ge=10, description="Training rows kept with each model as the drift reference set."
     )
+    grpc_host: str = Field(default="0.0.0.0", description="Interface the gRPC server binds.")
+    grpc_port: int = Field(default=3001, ge=0, le=65535, description="gRPC port (0: no gRPC server).")
+    max_batch_rows: int = Field(
+        default=1024, ge=1, description="Most rows in one adaptively batched model call."
+    )
+    max_latency_ms: int = Field(
+        default=300, ge=10, description="Deadline for a batched model call; later requests get 503."
+    )
+    max_batch_records: int = Field(
+        default=10_000, ge=1, description="Most records in one /predict_batch call."
+    )
+    max_body_bytes: int = Field(default=64 * 2**20, ge=1024, description="Largest request body (413 above).")
+    prediction_log_dir: Path | None = Field(
+        default=None, description="Where the prediction log goes. Default: <data_dir>/predictions."
+    )
+    prediction_log_max_bytes: int = Field(
+        default=50 * 2**20, ge=1024, description="Size at which a log rotates."
+    )
+    prediction_log_backups: int = Field(default=20, ge=1, description="Rotated log files kept per worker.")
 
     @property
     def tracking_uri(self) -> str:
@@ -60,6 +79,10 @@ class Settings(BaseSettings):
     def artifact_location(self) -> str:
         """Artifact root for new experiments: inside data_dir, never the current directory."""
         return (self.data_dir.resolve() / "mlartifacts").as_uri()
+
+    @property
+    def log_dir(self) -> Path:
+        return self.prediction_log_dir or self.data_dir / "predictions"
 
     @property
     def serving_tag(self) -> str:

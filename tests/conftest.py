@@ -7,12 +7,15 @@ read the same stores in-process. Each test that trains uses its own model name, 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 from mlflow import MlflowClient
 
@@ -84,3 +87,80 @@ def default_model(stores: Stores) -> subprocess.CompletedProcess[str]:
     result = run_train(stores)
     assert_ok(result)
     return result
+
+
+BENTOML = str(Path(sys.executable).parent / "bentoml")
+# Small limits, so that tests of them send small bodies.
+MAX_BATCH_RECORDS = 50
+MAX_BODY_BYTES = 200_000
+
+
+@dataclass(frozen=True)
+class Server:
+    url: str
+    grpc_target: str
+    log_dir: Path
+    process: subprocess.Popen[str]
+    output: Path  # the server's stdout and stderr
+
+    def output_text(self) -> str:
+        return self.output.read_text(errors="replace")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_server(env: dict[str, str], port: int, output: Path) -> subprocess.Popen[str]:
+    """`bentoml serve` writing to a file: a pipe nobody reads fills up and blocks the server's logging."""
+    with output.open("w") as sink:
+        return subprocess.Popen(
+            [BENTOML, "serve", "service:Tabserve", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+
+def wait_ready(process: subprocess.Popen[str], url: str, output: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            text = output.read_text(errors="replace")
+            pytest.fail(f"bentoml serve exited ({process.returncode}):\n{text[-5000:]}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"bentoml serve did not become ready in {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def server(
+    stores: Stores, default_model: subprocess.CompletedProcess[str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """One real `bentoml serve` (HTTP + OIP REST + gRPC) on free loopback ports for the session."""
+    port, grpc_port = free_port(), free_port()
+    log_dir = tmp_path_factory.mktemp("prediction-log")
+    env = stores.env(
+        TABSERVE_GRPC_HOST="127.0.0.1",
+        TABSERVE_GRPC_PORT=str(grpc_port),
+        TABSERVE_PREDICTION_LOG_DIR=str(log_dir),
+        TABSERVE_MAX_BATCH_RECORDS=str(MAX_BATCH_RECORDS),
+        TABSERVE_MAX_BODY_BYTES=str(MAX_BODY_BYTES),
+    )
+    output = log_dir.parent / "server-output.txt"
+    process = start_server(env, port, output)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(process, url, output)
+        yield Server(url, f"127.0.0.1:{grpc_port}", log_dir, process, output)
+    finally:
+        process.terminate()
+        process.wait(timeout=60)

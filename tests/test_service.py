@@ -1,89 +1,85 @@
-"""A real `bentoml serve` process on a free port, called over HTTP."""
+"""The HTTP API of a real `bentoml serve` process: predictions, limits, bad input, logs and metrics."""
 
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
+import re
 import time
-from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 
 from models.data import load_default
 from models.store import StoredModel
-from tests.conftest import PROJECT_ROOT, Stores
-
-BENTOML = str(Path(sys.executable).parent / "bentoml")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_server(env: dict[str, str], port: int) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [BENTOML, "serve", "service:TabularModel", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=PROJECT_ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+from tests.conftest import MAX_BATCH_RECORDS, MAX_BODY_BYTES, Server, Stores, free_port, start_server
 
 
 @pytest.fixture(scope="module")
-def server(stores: Stores, default_model: subprocess.CompletedProcess[str]) -> Iterator[str]:
-    port = free_port()
-    process = start_server(stores.env(), port)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert process.poll() is None, (
-                f"bentoml serve exited:\n{process.stdout.read() if process.stdout else ''}"
-            )
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail("bentoml serve did not become ready in 120 s")
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
+def records() -> list[dict[str, float]]:
+    features = load_default().features
+    return [{str(k): float(v) for k, v in features.iloc[i].items()} for i in range(40)]
 
 
 @pytest.fixture(scope="module")
-def record() -> dict[str, float]:
-    return {str(k): float(v) for k, v in load_default().features.iloc[7].items()}
+def stored(server: Server) -> StoredModel:
+    return StoredModel.open("breast_cancer:latest")
 
 
-def test_predict_returns_the_in_process_prediction_and_lineage(server: str, record: dict[str, float]) -> None:
-    response = httpx.post(f"{server}/predict", json=record, timeout=30)
+def post(server: Server, path: str, body: Any) -> httpx.Response:
+    return httpx.post(f"{server.url}{path}", json=body, timeout=60)
+
+
+def metric_values(server: Server, name: str) -> dict[str, float]:
+    """Samples of one metric from /metrics, keyed by their label text."""
+    text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    pattern = re.compile(rf"^{re.escape(name)}(\{{[^}}]*\}})? ([0-9.e+-]+)$", re.MULTILINE)
+    return {labels or "": float(value) for labels, value in pattern.findall(text)}
+
+
+def test_predict_matches_the_in_process_model_and_names_its_lineage(
+    server: Server, stored: StoredModel, records: list[dict[str, float]]
+) -> None:
+    response = post(server, "/predict", records[7])
     assert response.status_code == 200, response.text
     body = response.json()
-    stored = StoredModel.open("breast_cancer:latest")
     expected = stored.predict(load_default().features.iloc[[7]])
     assert expected.probabilities is not None
     assert body["prediction"] == expected.labels[0]
-    assert body["probabilities"] == {
-        "benign": pytest.approx(expected.probabilities[0, 0], abs=1e-12),
-        "malignant": pytest.approx(expected.probabilities[0, 1], abs=1e-12),
-    }
+    assert body["probabilities"]["malignant"] == pytest.approx(expected.probabilities[0, 1], abs=1e-12)
+    assert body["unknown_categories"] == {}
     assert body["model"] == "breast_cancer"
     assert body["version"] == stored.version
     assert body["registered_version"] == stored.labels["registered_version"]
     assert body["mlflow_run_id"] == stored.labels["mlflow_run_id"]
     assert body["data_digest"] == stored.metadata["dataset_digest"]
+
+
+def test_predict_batch_answers_every_row_in_order(
+    server: Server, stored: StoredModel, records: list[dict[str, float]]
+) -> None:
+    response = post(server, "/predict_batch", records)
+    assert response.status_code == 200, response.text
+    answers = response.json()
+    expected = stored.predict(load_default().features.iloc[:40])
+    assert [a["prediction"] for a in answers] == expected.labels.tolist()
+    assert expected.probabilities is not None
+    got = np.array([a["probabilities"]["malignant"] for a in answers])
+    assert np.allclose(got, expected.probabilities[:, 1], rtol=0, atol=1e-12)
+
+
+def test_model_endpoint_describes_the_served_model(server: Server, stored: StoredModel) -> None:
+    info = httpx.get(f"{server.url}/model", timeout=30).json()
+    assert info["model"] == "breast_cancer"
+    assert info["version"] == stored.version
+    assert info["alias"] == "champion"
+    assert info["mlflow_run_id"] == stored.labels["mlflow_run_id"]
+    assert info["classes"] == ["benign", "malignant"]
+    assert info["test_metrics"]["roc_auc"] > 0.95
+    assert [f["name"] for f in info["feature_schema"]["features"]] == stored.schema.names
 
 
 def with_change(record: dict[str, float], **change: object) -> str:
@@ -92,53 +88,145 @@ def with_change(record: dict[str, float], **change: object) -> str:
     return json.dumps(body)
 
 
-@pytest.mark.parametrize(
-    ("case", "make_body", "field", "problem"),
-    [
-        ("wrong type", lambda r: with_change(r, mean_radius="big"), "mean radius", "valid number"),
-        ("NaN", lambda r: with_change(r, mean_radius=float("nan")), "mean radius", "finite number"),
-        ("Infinity", lambda r: with_change(r, mean_radius=float("inf")), "mean radius", "finite number"),
-        ("unknown field", lambda r: with_change(r, colour="red"), "colour", "Extra inputs are not permitted"),
-        (
-            "missing field",
-            lambda r: json.dumps({k: v for k, v in r.items() if k != "worst area"}),
-            "worst area",
-            "Field required",
-        ),
-    ],
-)
+BAD_RECORDS = {
+    "wrong type": (lambda r: with_change(r, mean_radius="big"), ["mean radius"], "valid number"),
+    "NaN": (lambda r: with_change(r, mean_radius=float("nan")), ["mean radius"], "finite number"),
+    "Infinity": (lambda r: with_change(r, mean_radius=float("inf")), ["mean radius"], "finite number"),
+    "unknown field": (lambda r: with_change(r, colour="red"), ["colour"], "Extra inputs are not permitted"),
+    "missing field": (
+        lambda r: json.dumps({k: v for k, v in r.items() if k != "worst area"}),
+        ["worst area"],
+        "Field required",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_RECORDS)
 def test_invalid_records_get_400_naming_the_field(
-    server: str, record: dict[str, float], case: str, make_body: object, field: str, problem: str
+    server: Server, records: list[dict[str, float]], case: str
 ) -> None:
-    body = make_body(record)  # type: ignore[operator]
+    make_body, loc, problem = BAD_RECORDS[case]
     response = httpx.post(
-        f"{server}/predict", content=body, headers={"content-type": "application/json"}, timeout=30
+        f"{server.url}/predict", content=make_body(records[0]), headers={"content-type": "application/json"}
     )
     assert response.status_code == 400, case
     [error] = response.json()["detail"]
-    assert error["loc"] == [field]
+    assert error["loc"] == loc
     assert problem in error["msg"]
 
 
-def test_malformed_json_gets_400_and_the_server_keeps_serving(server: str, record: dict[str, float]) -> None:
-    response = httpx.post(
-        f"{server}/predict", content=b"{not json", headers={"content-type": "application/json"}
-    )
+def test_batch_errors_name_the_row_and_the_field(server: Server, records: list[dict[str, float]]) -> None:
+    bad = [records[0], {**records[1], "mean area": "large"}]
+    response = post(server, "/predict_batch", bad)
     assert response.status_code == 400
-    assert "Invalid JSON" in response.text
-    assert httpx.post(f"{server}/predict", json=record, timeout=30).status_code == 200
+    [error] = response.json()["detail"]
+    assert error["loc"] == ["root", 1, "mean area"]  # BentoML wraps a list body in a root model
 
 
-def test_openapi_documents_the_record_by_column_name(server: str) -> None:
-    spec = httpx.get(f"{server}/docs.json", timeout=30).json()
-    text = json.dumps(spec)
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        ([], 400, "at least 1 item"),
+        ("too many", 400, f"at most {MAX_BATCH_RECORDS} items"),
+        ({"not": "a list"}, 400, "valid list"),
+    ],
+)
+def test_batch_size_limits(
+    server: Server, records: list[dict[str, float]], body: object, status: int, message: str
+) -> None:
+    if body == "too many":
+        body = (records * 2)[: MAX_BATCH_RECORDS + 1]
+    response = post(server, "/predict_batch", body)
+    assert response.status_code == status
+    assert message in response.text
+
+
+def test_malformed_json_wrong_content_type_and_oversized_body(
+    server: Server, records: list[dict[str, float]]
+) -> None:
+    malformed = httpx.post(
+        f"{server.url}/predict", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert malformed.status_code == 400
+    assert "Invalid JSON" in malformed.text
+    plain = httpx.post(
+        f"{server.url}/predict", content=json.dumps(records[0]), headers={"content-type": "text/plain"}
+    )
+    assert plain.status_code == 415
+    assert plain.json() == {"error": "Content-Type must be application/json, got text/plain"}
+    huge = httpx.post(
+        f"{server.url}/predict_batch",
+        content=b"[" + b" " * MAX_BODY_BYTES + b"]",
+        headers={"content-type": "application/json"},
+    )
+    assert huge.status_code == 413
+    assert "over the limit" in huge.json()["error"]
+    assert post(server, "/predict", records[0]).status_code == 200  # still serving
+
+
+def test_32_concurrent_clients_all_succeed_and_are_batched(
+    server: Server, records: list[dict[str, float]]
+) -> None:
+    before = metric_values(server, "tabserve_batch_rows_count")
+
+    def client(index: int) -> list[int]:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            return [http.post("/predict", json=records[(index + i) % 40]).status_code for i in range(10)]
+
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        statuses = [status for result in pool.map(client, range(32)) for status in result]
+    assert statuses == [200] * 320
+    after = metric_values(server, "tabserve_batch_rows_count")
+    calls = sum(after.values()) - sum(before.values())
+    assert 0 < calls < 320, "320 concurrent rows should take fewer model calls than rows"
+
+
+def test_metrics_name_the_model_version_transport_and_refusals(server: Server, stored: StoredModel) -> None:
+    predictions = metric_values(server, "tabserve_predictions_total")
+    assert any(
+        f'version="{stored.version}"' in labels and 'predicted="benign"' in labels for labels in predictions
+    )
+    latency = metric_values(server, "tabserve_request_seconds_count")
+    assert any('transport="http"' in labels and 'endpoint="/predict"' in labels for labels in latency)
+    refusals = metric_values(server, "tabserve_validation_errors_total")
+    assert any('reason="unsupported_media_type"' in labels for labels in refusals)
+    assert "tabserve_prediction_log_dropped_total" in httpx.get(f"{server.url}/metrics").text
+
+
+def test_prediction_log_has_one_line_per_answered_row(
+    server: Server, stored: StoredModel, records: list[dict[str, float]]
+) -> None:
+    answer = post(server, "/predict", records[3]).json()
+
+    def logged() -> list[dict[str, Any]]:
+        lines = [
+            json.loads(line) for path in server.log_dir.glob("predictions-*.jsonl*") for line in path.open()
+        ]
+        return [line for line in lines if line["features"] == records[3] and line["endpoint"] == "/predict"]
+
+    deadline = time.monotonic() + 10  # the log is written by a background thread
+    while not logged() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    entry = logged()[-1]
+    assert entry["transport"] == "http"
+    assert entry["version"] == stored.version
+    assert entry["registered_version"] == stored.labels["registered_version"]
+    assert entry["data_digest"] == stored.metadata["dataset_digest"]
+    assert entry["prediction"] == answer["prediction"]
+    assert entry["request_id"]
+
+
+def test_openapi_documents_the_record_by_column_name(server: Server) -> None:
+    text = json.dumps(httpx.get(f"{server.url}/docs.json", timeout=30).json())
     assert '"mean radius"' in text
     assert "training range" in text
+    assert "/predict_batch" in text
 
 
-def test_serve_without_a_model_says_to_train(stores: Stores) -> None:
-    process = start_server(stores.env(TABSERVE_MODEL_NAME="never-trained"), free_port())
-    output, _ = process.communicate(timeout=120)
+def test_serve_without_a_model_says_to_train(stores: Stores, tmp_path: Path) -> None:
+    process = start_server(stores.env(TABSERVE_MODEL_NAME="never-trained"), free_port(), tmp_path / "out.txt")
+    process.wait(timeout=120)
+    output = (tmp_path / "out.txt").read_text()
     assert process.returncode != 0
     assert "no model 'never-trained:latest' in the BentoML store" in output
     assert "python train.py" in output

@@ -1,0 +1,300 @@
+"""The data plane: everything between a decoded request and its answer, shared by every transport.
+
+HTTP (service.py), OIP REST and gRPC (serving/oip) only decode and encode. Here: value validation against
+the feature schema, the raw frame, the (adaptively batched) model call, the response shape, unknown
+categories, the prediction log and the prediction metrics.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel
+
+from models.schema import MAX_STORED_CATEGORIES, Feature, FeatureKind
+from models.store import StoredModel
+from serving.errors import BadInputError, ModelNotFoundError, ServingError
+from serving.metrics import ServingMetrics
+from serving.oip.codec import InferRequest, OutputTensor, columns_from_tensors
+from serving.predlog import PredictionLog
+
+# The model service's batchable API: prepared rows (a 2-D array in schema column order) in, probabilities
+# (classification) or values (regression) out. An array, not a DataFrame: BentoML 1.4's batching dispatcher
+# cannot size DataFrame batches.
+ModelCall = Callable[[np.ndarray], Awaitable[np.ndarray]]
+OIP_DATATYPES = {FeatureKind.NUMERIC: "FP64", FeatureKind.BOOLEAN: "BOOL", FeatureKind.CATEGORICAL: "BYTES"}
+
+
+@dataclass(frozen=True)
+class PredictionBatch:
+    request_id: str
+    labels: list[Any]  # class labels, or predicted values for regression (native Python types)
+    probabilities: np.ndarray | None  # (rows, classes), in the order of `classes`
+    classes: list[str] | None
+    unknown_categories: list[dict[str, str]]  # per row: feature -> value never seen in training
+
+
+class DataPlane:
+    def __init__(
+        self, model: StoredModel, call_model: ModelCall, log: PredictionLog, metrics: ServingMetrics
+    ) -> None:
+        self.model = model
+        self.name = model.name
+        self.version = model.version
+        self.schema = model.schema
+        self.feature_names = model.schema.names
+        self.task = model.task
+        self.classes = [str(label) for label in model.classes] if model.classes else None
+        self.lineage = {
+            "model": model.name,
+            "version": model.version,
+            "registered_version": model.labels["registered_version"],
+            "mlflow_run_id": model.labels["mlflow_run_id"],
+            "data_digest": model.metadata["dataset_digest"],
+        }
+        self._call_model = call_model
+        # All-numeric rows travel as float64 (cheap to serialize); text needs an object array.
+        self._row_dtype = object if model.schema.names_of(FeatureKind.CATEGORICAL) else np.float64
+        self._log = log
+        self._metrics = metrics
+        self._draining = False
+        # Unknown categories can be named only where the stored list of seen categories is complete.
+        self._known_categories = {
+            feature.name: frozenset(feature.categories)
+            for feature in model.schema.features
+            if feature.kind is FeatureKind.CATEGORICAL and len(feature.categories) < MAX_STORED_CATEGORIES
+        }
+
+    # ---- health and metadata -------------------------------------------------------------------------
+
+    def is_ready(self) -> bool:
+        return not self._draining
+
+    def start_draining(self) -> None:
+        self._draining = True
+
+    def check_model(self, name: str, version: str | None = None) -> None:
+        if name != self.name:
+            raise ModelNotFoundError(
+                f"model '{name}' is not served here; this server serves '{self.name}'", "unknown_model"
+            )
+        if version not in (None, "", self.version, self.lineage["registered_version"]):
+            raise ModelNotFoundError(
+                f"version '{version}' of model '{name}' is not served; served: '{self.version}' "
+                f"(registered version {self.lineage['registered_version']})",
+                "unknown_version",
+            )
+
+    def model_info(self) -> dict[str, Any]:
+        meta = self.model.metadata
+        return {
+            **self.lineage,
+            "tag": self.model.tag,
+            "registered_model": self.model.labels["registered_model"],
+            "alias": self.model.labels["alias"],
+            "task": self.task.value,
+            "classes": self.classes,
+            "estimator": meta["estimator"],
+            "metric": meta["metric"],
+            "test_metrics": meta["test_metrics"],
+            "trained_at": meta["trained_at"],
+            "feature_schema": self.schema.model_dump(mode="json", exclude_none=True),
+        }
+
+    def model_metadata(self) -> dict[str, Any]:
+        """The Open Inference Protocol's model metadata."""
+        label = {"name": "label", "datatype": "BYTES" if self.classes else "FP64", "shape": [-1]}
+        outputs = [label]
+        if self.classes:
+            outputs.append({"name": "probabilities", "datatype": "FP64", "shape": [-1, len(self.classes)]})
+        return {
+            "name": self.name,
+            "versions": [self.version],
+            "platform": "scikit-learn",
+            "inputs": [
+                {"name": f.name, "datatype": OIP_DATATYPES[f.kind], "shape": [-1]}
+                for f in self.schema.features
+            ],
+            "outputs": outputs,
+            "parameters": {
+                "registered_version": self.lineage["registered_version"],
+                "classes": self.classes or [],
+            },
+        }
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": "tabserve", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
+
+    # ---- inputs -----------------------------------------------------------------------------------------
+
+    def frame_from_records(self, records: Sequence[BaseModel]) -> pd.DataFrame:
+        """Rows already validated by the schema's request model (the HTTP APIs' input spec)."""
+        return pd.DataFrame(
+            [record.model_dump(by_alias=True) for record in records], columns=self.feature_names
+        )
+
+    def frame_from_columns(self, columns: Mapping[str, Sequence[Any] | np.ndarray]) -> pd.DataFrame:
+        """Columns decoded from tensors, validated against the same schema rules as records."""
+        return pd.DataFrame({f.name: _validated_column(f, columns[f.name]) for f in self.schema.features})
+
+    # ---- prediction ---------------------------------------------------------------------------------------
+
+    async def predict_frame(
+        self, frame: pd.DataFrame, transport: str, endpoint: str, request_id: str | None = None
+    ) -> PredictionBatch:
+        if frame.empty:
+            raise BadInputError("no rows to predict: the batch is empty", "empty_batch")
+        rows = self.schema.prepare(frame).to_numpy(dtype=self._row_dtype)
+        outputs = np.asarray(await self._call_model(rows))
+        if self.classes is not None and self.model.classes is not None:
+            labels = np.asarray(self.model.classes, dtype=object)[outputs.argmax(axis=1)].tolist()
+            probabilities: np.ndarray | None = outputs
+        else:
+            labels, probabilities = outputs.reshape(-1).tolist(), None
+        batch = PredictionBatch(
+            request_id=request_id or uuid.uuid4().hex,
+            labels=labels,
+            probabilities=probabilities,
+            classes=self.classes,
+            unknown_categories=self._unknown_categories(frame),
+        )
+        self._record(frame, batch, transport, endpoint)
+        return batch
+
+    async def infer(self, request: InferRequest, transport: str) -> tuple[list[OutputTensor], str]:
+        """An Open Inference Protocol request (REST or gRPC), already decoded into tensors."""
+        frame = self.frame_from_columns(columns_from_tensors(request.inputs, self.feature_names))
+        batch = await self.predict_frame(frame, transport, "infer", request.id)
+        return self.output_tensors(batch, request.outputs), batch.request_id
+
+    def output_tensors(self, batch: PredictionBatch, requested: list[str] | None) -> list[OutputTensor]:
+        rows = len(batch.labels)
+        available = {
+            "label": OutputTensor(
+                "label",
+                "BYTES" if batch.classes else "FP64",
+                [rows],
+                [str(label) for label in batch.labels]
+                if batch.classes
+                else np.asarray(batch.labels, dtype=np.float64),
+            )
+        }
+        if batch.probabilities is not None and batch.classes:
+            available["probabilities"] = OutputTensor(
+                "probabilities", "FP64", [rows, len(batch.classes)], batch.probabilities.astype(np.float64)
+            )
+        if not requested:
+            return list(available.values())
+        unknown = [name for name in requested if name not in available]
+        if unknown:
+            raise BadInputError(
+                f"unknown output {', '.join(map(repr, unknown))}; available: {', '.join(available)}",
+                "unknown_output",
+            )
+        return [available[name] for name in requested]
+
+    def responses(self, batch: PredictionBatch) -> list[dict[str, Any]]:
+        """One JSON-ready answer per row, for the HTTP APIs."""
+        answers = []
+        for row, label in enumerate(batch.labels):
+            probabilities = None
+            if batch.probabilities is not None and batch.classes:
+                probabilities = dict(zip(batch.classes, batch.probabilities[row].tolist(), strict=True))
+            answers.append(
+                {
+                    "prediction": label,
+                    "probabilities": probabilities,
+                    "unknown_categories": batch.unknown_categories[row],
+                    **self.lineage,
+                }
+            )
+        return answers
+
+    # ---- accounting ---------------------------------------------------------------------------------------
+
+    def refused(self, error: ServingError, transport: str) -> None:
+        self._metrics.validation_errors.labels(transport=transport, reason=error.reason).inc()
+
+    def observe(self, transport: str, endpoint: str, started: float) -> None:
+        self._metrics.request_seconds.labels(transport=transport, endpoint=endpoint).observe(
+            time.perf_counter() - started
+        )
+
+    def _unknown_categories(self, frame: pd.DataFrame) -> list[dict[str, str]]:
+        unknown: list[dict[str, str]] = [{} for _ in range(len(frame))]
+        for name, known in self._known_categories.items():
+            values = frame[name]
+            for row in np.flatnonzero(values.notna().to_numpy() & ~values.isin(known).to_numpy()):
+                unknown[row][name] = str(values.iloc[row])
+        return unknown
+
+    def _record(self, frame: pd.DataFrame, batch: PredictionBatch, transport: str, endpoint: str) -> None:
+        predicted = (
+            pd.Series(batch.labels).astype(str) if batch.classes else pd.Series(["value"] * len(batch.labels))
+        )
+        for label, count in predicted.value_counts().items():
+            self._metrics.predictions.labels(model=self.name, version=self.version, predicted=label).inc(
+                count
+            )
+        timestamp = datetime.now(UTC).isoformat()
+        features = frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
+        answers = self.responses(batch)
+        self._log.write(
+            [
+                {
+                    "ts": timestamp,
+                    "request_id": batch.request_id,
+                    "transport": transport,
+                    "endpoint": endpoint,
+                    **self.lineage,
+                    "features": row_features,
+                    "prediction": answer["prediction"],
+                    "probabilities": answer["probabilities"],
+                    "unknown_categories": answer["unknown_categories"],
+                }
+                for row_features, answer in zip(features, answers, strict=True)
+            ]
+        )
+
+
+def _validated_column(feature: Feature, values: Sequence[Any] | np.ndarray) -> np.ndarray:
+    """Apply the request model's rules (types, finite numbers, missing only where allowed) to a column."""
+    array = np.asarray(values)
+    name = feature.name
+    if feature.kind is FeatureKind.NUMERIC:
+        if array.dtype.kind not in "fiu":
+            raise BadInputError(f"'{name}': expected numbers, got {_describe(array)}", "wrong_type")
+        floats = array.astype(np.float64)
+        if np.isinf(floats).any():
+            raise BadInputError(f"'{name}': Infinity is not allowed", "not_finite")
+        if np.isnan(floats).any() and not feature.nullable:
+            raise BadInputError(
+                f"'{name}': missing value (NaN) is not allowed for this feature", "missing_value"
+            )
+        return floats
+    if feature.kind is FeatureKind.BOOLEAN:
+        if array.dtype.kind == "b":
+            return array.astype(object)
+        if array.dtype.kind in "iu" and np.isin(array, [0, 1]).all():
+            return array.astype(bool).astype(object)
+        raise BadInputError(f"'{name}': expected booleans, got {_describe(array)}", "wrong_type")
+    cells = array.astype(object).reshape(-1)
+    for cell in cells:
+        if cell is None and feature.nullable:
+            continue
+        if not isinstance(cell, str):
+            raise BadInputError(
+                f"'{name}': expected strings (BYTES), got {type(cell).__name__}", "wrong_type"
+            )
+    return cells
+
+
+def _describe(array: np.ndarray) -> str:
+    return "strings" if array.dtype.kind in "USO" else f"{array.dtype}"

@@ -1,0 +1,56 @@
+"""Prometheus metrics of the service, exported on BentoML's /metrics beside its own.
+
+prometheus_client must be imported only after BentoML's worker has set PROMETHEUS_MULTIPROC_DIR (it picks
+its storage mode at import), so the metrics are created on first use, once per process.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384)
+
+
+@dataclass(frozen=True)
+class ServingMetrics:
+    predictions: Any  # Counter: answered rows by model, version and predicted class
+    request_seconds: Any  # Histogram: request latency by transport and endpoint
+    batch_rows: Any  # Histogram: rows per model call (after adaptive batching)
+    validation_errors: Any  # Counter: refused requests by transport and reason
+    log_dropped: Any  # Counter: prediction-log records that could not be written
+
+
+@functools.cache
+def serving_metrics() -> ServingMetrics:
+    from prometheus_client import Counter, Histogram  # noqa: PLC0415  (see the module docstring)
+
+    return ServingMetrics(
+        predictions=Counter(
+            "tabserve_predictions",
+            "Rows answered, by model version and predicted class",
+            ["model", "version", "predicted"],
+        ),
+        request_seconds=Histogram(
+            "tabserve_request_seconds",
+            "Request latency in seconds, by transport and endpoint",
+            ["transport", "endpoint"],
+            buckets=LATENCY_BUCKETS,
+        ),
+        batch_rows=Histogram(
+            "tabserve_batch_rows",
+            "Rows per model call after adaptive batching",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+        ),
+        validation_errors=Counter(
+            "tabserve_validation_errors",
+            "Requests refused as invalid, by transport and reason",
+            ["transport", "reason"],
+        ),
+        log_dropped=Counter(
+            "tabserve_prediction_log_dropped", "Prediction-log records that could not be written"
+        ),
+    )

@@ -1,0 +1,205 @@
+"""The Open Inference Protocol over gRPC: a grpc.aio server whose servicer only translates.
+
+The codec decodes and encodes, the data plane validates values and predicts. Beside the inference service
+the server answers the standard health service (`grpc.health.v1.Health`: SERVING while the data plane is
+ready, NOT_SERVING from the moment it stops) and server reflection, so grpcurl and grpc_health_probe work.
+"""
+
+# Method names and signatures are those of the generated servicer.
+# ruff: noqa: N802, ARG002
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, NoReturn, Protocol, TypeVar
+
+import grpc
+from google.protobuf import descriptor_pool
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+from serving.errors import ServingError
+from serving.oip import grpc_predict_v2_pb2 as pb
+from serving.oip import grpc_predict_v2_pb2_grpc as pb_grpc
+from serving.oip.codec import InferRequest, OutputTensor, decode_grpc_request, encode_grpc_response
+
+logger = logging.getLogger(__name__)
+
+TRANSPORT: Final = "grpc"
+SERVICE_NAME: Final = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+HEALTH_SERVICE_NAME: Final = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+# A batch of thousands of rows of tens of features is a few MiB; gRPC's default limit is 4 MiB.
+MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
+
+
+class DataPlane(Protocol):
+    """What the adapter needs from serving.dataplane.DataPlane."""
+
+    name: str
+    version: str
+    feature_names: list[str]
+
+    def is_ready(self) -> bool: ...
+
+    def check_model(self, name: str, version: str | None) -> None: ...  # raises ModelNotFoundError
+
+    def model_metadata(self) -> dict[str, Any]: ...
+
+    def server_metadata(self) -> dict[str, Any]: ...
+
+    async def infer(self, request: InferRequest, transport: str) -> tuple[list[OutputTensor], str]: ...
+
+    def refused(self, error: ServingError, transport: str) -> None: ...
+
+    def observe(self, transport: str, endpoint: str, started: float) -> None: ...
+
+
+class GrpcBindError(RuntimeError):
+    pass
+
+
+_Request = TypeVar("_Request")
+_Response = TypeVar("_Response")
+_Handler = Callable[["InferenceServicer", _Request, Any], Awaitable[_Response]]
+
+
+def _translating_errors(handler: _Handler[_Request, _Response]) -> _Handler[_Request, _Response]:
+    """ServingError -> its own status code, anything else -> INTERNAL: grpc would answer UNKNOWN."""
+
+    @functools.wraps(handler)
+    async def translated(self: InferenceServicer, request: _Request, context: Any) -> _Response:
+        try:
+            return await handler(self, request, context)
+        except ServingError as error:
+            self.plane.refused(error, TRANSPORT)
+            await _abort(context, grpc.StatusCode[error.grpc_code], error.message)
+        except Exception:
+            logger.exception("gRPC %s failed", handler.__name__)
+            await _abort(
+                context, grpc.StatusCode.INTERNAL, f"internal error in {handler.__name__}; see the server log"
+            )
+
+    return translated
+
+
+async def _abort(context: Any, code: grpc.StatusCode, message: str) -> NoReturn:
+    await context.abort(code, message)
+    raise AssertionError("unreachable: context.abort raises")
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
+
+    @_translating_errors
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    @_translating_errors
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.plane.is_ready())
+
+    @_translating_errors
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
+        self.plane.check_model(request.name, request.version or None)
+        return pb.ModelReadyResponse(ready=self.plane.is_ready())
+
+    @_translating_errors
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: Any
+    ) -> pb.ServerMetadataResponse:
+        metadata = self.plane.server_metadata()
+        return pb.ServerMetadataResponse(
+            name=metadata["name"], version=metadata["version"], extensions=metadata.get("extensions", [])
+        )
+
+    @_translating_errors
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
+        self.plane.check_model(request.name, request.version or None)
+        metadata = self.plane.model_metadata()
+        return pb.ModelMetadataResponse(
+            name=metadata["name"],
+            versions=metadata.get("versions", []),
+            platform=metadata.get("platform", ""),
+            inputs=[_tensor_metadata(tensor) for tensor in metadata["inputs"]],
+            outputs=[_tensor_metadata(tensor) for tensor in metadata["outputs"]],
+        )
+
+    @_translating_errors
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        started = time.perf_counter()
+        self.plane.check_model(request.model_name, request.model_version or None)
+        outputs, request_id = await self.plane.infer(decode_grpc_request(request), TRANSPORT)
+        response = encode_grpc_response(
+            self.plane.name, self.plane.version, request_id, outputs, raw=bool(request.raw_input_contents)
+        )
+        self.plane.observe(TRANSPORT, "infer", started)
+        return response
+
+
+def _tensor_metadata(tensor: dict[str, Any]) -> pb.ModelMetadataResponse.TensorMetadata:
+    return pb.ModelMetadataResponse.TensorMetadata(
+        name=tensor["name"], datatype=tensor["datatype"], shape=tensor["shape"]
+    )
+
+
+def _reflection_pool() -> descriptor_pool.DescriptorPool:
+    # Our stubs live in their own descriptor pool (see the proto target in the Makefile), so reflection
+    # gets a pool holding every service it describes.
+    pool = descriptor_pool.DescriptorPool()
+    for file in (pb.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
+        pool.AddSerializedFile(file.serialized_pb)
+    return pool
+
+
+class GrpcServer:
+    def __init__(self, server: Any, health: HealthServicer, port: int) -> None:
+        self._server = server
+        self._health = health
+        self.port = port  # the bound port: the one asked for, or the one chosen for port 0
+
+    async def stop(self, grace: float) -> None:
+        """Health NOT_SERVING, refuse new RPCs, give in-flight ones `grace` seconds to finish."""
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(grace)
+
+
+async def start_grpc_server(plane: DataPlane, host: str, port: int) -> GrpcServer:
+    """Serve `plane` on host:port (port 0: any free port). The port is bound with SO_REUSEPORT, so that
+    several worker processes can share it."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.so_reuseport", 1),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+    )
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(plane), server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if plane.is_ready()
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    for service in ("", SERVICE_NAME):
+        await health.set(service, status)
+    reflection.enable_server_reflection(
+        [SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME], server, pool=_reflection_pool()
+    )
+
+    address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise GrpcBindError(f"gRPC server cannot listen on {address}: {exc}") from None
+    # Older grpc releases report a failed bind as port 0 instead of raising.
+    if bound == 0:
+        raise GrpcBindError(f"gRPC server cannot listen on {address}: the address is in use or not available")
+    await server.start()
+    logger.info("Open Inference Protocol gRPC server listening on %s", address)
+    return GrpcServer(server, health, bound)

@@ -1,0 +1,93 @@
+"""The prediction log: one JSON line per answered row, the live data that drift reports read.
+
+Files: ``<log dir>/predictions-<pid>.jsonl``, rotated by size (``.1``, ``.2``, ... up to the backup count).
+One file per worker process, so that rotation never races between processes. Writing happens on a
+background thread (QueueHandler -> QueueListener), so a slow disk never blocks a request, and a failing
+disk never fails one: the record is dropped, counted, and a warning is logged once.
+
+A line:
+    {"ts": "2026-11-23T10:00:00.123456+00:00", "request_id": "...", "transport": "http",
+     "endpoint": "/predict", "model": "breast_cancer", "version": "nxn7...", "registered_version": "1",
+     "mlflow_run_id": "...", "data_digest": "84ef6c2c", "features": {"mean radius": 13.5, ...},
+     "prediction": "benign", "probabilities": {"benign": 0.99, "malignant": 0.01},
+     "unknown_categories": {}}
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import queue
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+logger = logging.getLogger(__name__)
+
+
+class _CountingFileHandler(logging.handlers.RotatingFileHandler):
+    """Counts failed writes instead of printing a traceback per record."""
+
+    def __init__(self, path: Path, max_bytes: int, backups: int, on_drop: Callable[[int], None]) -> None:
+        super().__init__(path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8", delay=True)
+        self.on_drop = on_drop
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802, ARG002  (logging.Handler API)
+        self.on_drop(1)
+
+
+class PredictionLog:
+    def __init__(
+        self, directory: Path, max_bytes: int, backups: int, on_drop: Callable[[int], None] | None = None
+    ) -> None:
+        self.dropped = 0
+        self._on_drop_metric = on_drop
+        self._warned = False
+        self._listener: logging.handlers.QueueListener | None = None
+        self._logger = logging.getLogger(f"tabserve.predictions.{id(self)}")
+        self._logger.propagate = False
+        self._logger.setLevel(logging.INFO)
+        self.path = directory / f"predictions-{os.getpid()}.jsonl"
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            if not os.access(directory, os.W_OK):
+                raise PermissionError(f"no write permission on {directory}")
+            handler = _CountingFileHandler(self.path, max_bytes, backups, self._drop)
+        except OSError as exc:
+            self._warn(f"prediction log disabled, records will be dropped and counted: {exc}")
+            return
+        records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+        self._logger.addHandler(logging.handlers.QueueHandler(records))
+        self._listener = logging.handlers.QueueListener(records, handler)
+        self._listener.start()
+
+    @property
+    def enabled(self) -> bool:
+        return self._listener is not None
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        if self._listener is None:
+            self._drop(len(rows))
+            return
+        for row in rows:
+            self._logger.info(orjson.dumps(row, option=orjson.OPT_SERIALIZE_NUMPY).decode())
+
+    def close(self) -> None:
+        """Flush what is queued; called at shutdown."""
+        if self._listener is not None:
+            self._listener.stop()
+            self._listener = None
+
+    def _drop(self, count: int) -> None:
+        self.dropped += count
+        if self._on_drop_metric is not None:
+            self._on_drop_metric(count)
+        self._warn(f"could not write to the prediction log {self.path}; dropped records are counted")
+
+    def _warn(self, message: str) -> None:
+        if not self._warned:
+            self._warned = True
+            logger.warning(message)

@@ -1,0 +1,42 @@
+"""The prediction log alone: rotation, and failing disks that must never fail a prediction."""
+
+import json
+from pathlib import Path
+
+from serving.predlog import PredictionLog
+
+
+def test_records_are_json_lines_and_rotate(tmp_path: Path) -> None:
+    log = PredictionLog(tmp_path, max_bytes=2_000, backups=3)
+    log.write([{"row": i, "features": {"x": float(i)}} for i in range(500)])
+    log.close()
+    files = sorted(tmp_path.glob("predictions-*.jsonl*"))
+    assert len(files) == 4  # the live file and three backups
+    rows = sorted(json.loads(line)["row"] for path in files for line in path.read_text().splitlines())
+    assert rows[-1] == 499
+    assert rows[0] > 0  # the oldest rows were rotated away
+    assert rows == list(range(rows[0], 500))  # and nothing in between was lost
+    assert log.dropped == 0
+
+
+def test_unwritable_directory_drops_and_counts_without_raising(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    counted: list[int] = []
+    log = PredictionLog(blocker / "logs", max_bytes=10_000, backups=1, on_drop=counted.append)
+    assert not log.enabled
+    log.write([{"row": 1}, {"row": 2}])
+    assert log.dropped == 2
+    assert sum(counted) == 2
+
+
+def test_a_write_that_fails_later_is_counted_not_raised(tmp_path: Path) -> None:
+    log = PredictionLog(tmp_path, max_bytes=500, backups=2)
+    # Rotation renames the live file to .1; a non-empty directory there makes every rotation fail.
+    backup = tmp_path / f"{log.path.name}.1"
+    backup.mkdir()
+    (backup / "keep").write_text("x")
+    log.write([{"row": i, "padding": "x" * 100} for i in range(20)])
+    log.close()
+    assert log.dropped > 0
+    assert log.dropped < 20  # the rows before the first rotation were written
