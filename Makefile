@@ -27,7 +27,7 @@ train: setup
 
 serve: setup
 	$(PY) train.py --if-missing
-	.venv/bin/bentoml serve service:TabularModel --port $(PORT)
+	.venv/bin/bentoml serve service:Tabserve --port $(PORT)
 
 # The bento's Python requirements are the lock file's exact versions, without the dev tools.
 build: setup
