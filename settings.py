@@ -68,6 +68,19 @@ class Settings(BaseSettings):
         default=50 * 2**20, ge=1024, description="Size at which a log rotates."
     )
     prediction_log_backups: int = Field(default=20, ge=1, description="Rotated log files kept per worker.")
+    max_upload_bytes: int = Field(
+        default=2 * 2**30, ge=1024, description="Largest file /predict_file accepts (413 above)."
+    )
+    file_chunk_rows: int = Field(
+        default=8192, ge=1, description="Rows /predict_file reads, predicts and writes at a time."
+    )
+    # Drift reports (drift/).
+    reports_dir: Path | None = Field(
+        default=None, description="Where drift reports go. Default: <data_dir>/reports."
+    )
+    workspace_dir: Path | None = Field(
+        default=None, description="Evidently workspace of report snapshots. Default: <data_dir>/workspace."
+    )
 
     @property
     def tracking_uri(self) -> str:
@@ -83,6 +96,14 @@ class Settings(BaseSettings):
     @property
     def log_dir(self) -> Path:
         return self.prediction_log_dir or self.data_dir / "predictions"
+
+    @property
+    def drift_reports_dir(self) -> Path:
+        return self.reports_dir or self.data_dir / "reports"
+
+    @property
+    def evidently_workspace(self) -> Path:
+        return self.workspace_dir or self.data_dir / "workspace"
 
     @property
     def serving_tag(self) -> str:
