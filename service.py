@@ -13,9 +13,8 @@ Two services, one concern each:
 from __future__ import annotations
 
 import asyncio
-import signal
+import os
 from http import HTTPStatus
-from types import FrameType
 from typing import Annotated, Any
 
 import bentoml
@@ -30,12 +29,18 @@ from models.store import StoredModel
 from serving import oip_rest
 from serving.dataplane import DataPlane
 from serving.errors import ServingError
+from serving.files import predict_file_route
 from serving.metrics import serving_metrics
 from serving.oip.grpc_server import GrpcServer, start_grpc_server
 from serving.predlog import PredictionLog
 from serving.rest import HttpLimits, model_info_route
+from serving.shutdown import CallTracker, Resume, intercept_sigterm
 from settings import get_settings
 
+# BentoML removes the Unix sockets between its services as soon as SIGTERM arrives, before the services
+# have drained: calls still in flight then fail to reach the model service. Loopback TCP keeps working
+# until the model service has exited (see serving/shutdown.py). Read by `bentoml serve` after this import.
+os.environ.setdefault("BENTOML_NO_UDS", "1")
 settings = get_settings()
 try:
     champion = StoredModel.open(settings.serving_tag)
@@ -64,8 +69,10 @@ class Prediction(BaseModel):
 # Workaround for BentoML issue #5540: the client of a `bentoml.depends` service replaces its HTTP session
 # every 100 requests and closes it under in-flight calls; never recycling it avoids the failures.
 RUNNER_CONNECTION = {"max_requests": 2**31 - 1, "max_age": 1e9}
-# How long accepted gRPC calls may take to finish after SIGTERM.
+# How long accepted calls may take to finish after SIGTERM.
 GRACE_SECONDS = 30
+# The model service exits once no call has come in for this long after SIGTERM.
+QUIET_SECONDS = 2.0
 
 
 @bentoml.service(
@@ -79,21 +86,41 @@ class ModelRunner:
         self.pipeline = champion.pipeline
         self.classification = champion.classes is not None
         self.batch_rows = serving_metrics().batch_rows.labels(model=champion.name)
+        # Unpickle and run the model once, before the first request.
         warm_up = champion.schema.prepare(champion.load_reference().head(1))
-        self.infer(
-            warm_up.to_numpy(dtype=object)
-        )  # unpickle and run the model once, before the first request
+        self.calls = CallTracker()
+        self._predict(warm_up.to_numpy(dtype=object))
+
+    @bentoml.on_startup
+    async def outlive_callers(self) -> None:
+        # Signalled together with the API service (see serving/shutdown.py): answer its last calls first.
+        intercept_sigterm(self._exit_when_quiet)
+
+    def _exit_when_quiet(self, resume: Resume) -> None:
+        self._exiting = asyncio.ensure_future(
+            self.calls.resume_when_quiet(resume, QUIET_SECONDS, max_seconds=GRACE_SECONDS)
+        )
 
     @bentoml.api(
         batchable=True, max_batch_size=settings.max_batch_rows, max_latency_ms=settings.max_latency_ms
     )
     def infer(self, rows: np.ndarray) -> np.ndarray:
         """Prepared rows (schema column order) in; class probabilities or predicted values out."""
-        self.batch_rows.observe(len(rows))
-        frame = champion.schema.prepare(pd.DataFrame(rows, columns=champion.schema.names))
-        if self.classification:
-            return self.pipeline.predict_proba(frame)
-        return self.pipeline.predict(frame)
+        return self._predict(rows)
+
+    @bentoml.api
+    def infer_bulk(self, rows: np.ndarray) -> np.ndarray:
+        """The same, for calls that fill a batch by themselves (files, large batches): they gain nothing
+        from waiting for others, and the batching deadline would refuse them on a busy machine."""
+        return self._predict(rows)
+
+    def _predict(self, rows: np.ndarray) -> np.ndarray:
+        with self.calls.call():
+            self.batch_rows.observe(len(rows))
+            frame = champion.schema.prepare(pd.DataFrame(rows, columns=champion.schema.names))
+            if self.classification:
+                return self.pipeline.predict_proba(frame)
+            return self.pipeline.predict(frame)
 
 
 def current_plane() -> DataPlane:
@@ -103,7 +130,13 @@ def current_plane() -> DataPlane:
 
 # Routes that BentoML's POST-only APIs cannot express. Mounted at the root (BentoML's own routes still come
 # first), since a mount at /v2 or /model would answer the bare path with a redirect.
-extra_routes = Starlette(routes=[model_info_route(current_plane), *oip_rest.routes(current_plane)])
+extra_routes = Starlette(
+    routes=[
+        model_info_route(current_plane),
+        predict_file_route(current_plane, settings.max_upload_bytes, settings.file_chunk_rows),
+        *oip_rest.routes(current_plane),
+    ]
+)
 
 
 @bentoml.service(name="tabserve", traffic={"timeout": 60})
@@ -127,20 +160,19 @@ class Tabserve:
     async def start_grpc(self) -> None:
         if settings.grpc_port:
             self.grpc = await start_grpc_server(self.plane, settings.grpc_host, settings.grpc_port)
-        # uvicorn drains HTTP on SIGTERM and runs on_shutdown only afterwards; gRPC must stop taking new
-        # calls at the signal too. Chain in front of uvicorn's handler, which stays in charge of HTTP.
-        loop = asyncio.get_running_loop()
-        previous = signal.getsignal(signal.SIGTERM)
+        # uvicorn drains HTTP on SIGTERM and runs on_shutdown only afterwards: gRPC must stop taking new
+        # calls at the signal too.
+        intercept_sigterm(self._drain_then)
 
-        def on_sigterm(signum: int, frame: FrameType | None) -> None:
-            loop.call_soon_threadsafe(self._begin_drain)
-            if callable(previous):
-                previous(signum, frame)
-
-        signal.signal(signal.SIGTERM, on_sigterm)
+    def _drain_then(self, resume: Resume) -> None:
+        self._begin_drain()
+        resume()
 
     async def _call_model(self, rows: np.ndarray) -> np.ndarray:
         # The dependency's client knows its methods only once the service has started.
+        if len(rows) >= settings.max_batch_rows:
+            bulk: np.ndarray = await self.runner.to_async.infer_bulk(rows)
+            return bulk
         result: np.ndarray = await self.runner.to_async.infer(rows)
         return result
 
@@ -177,4 +209,6 @@ class Tabserve:
         return [Prediction(**answer) for answer in self.plane.responses(batch)]
 
 
-Tabserve.add_asgi_middleware(HttpLimits, max_body_bytes=settings.max_body_bytes)  # type: ignore[attr-defined]
+Tabserve.add_asgi_middleware(  # type: ignore[attr-defined]
+    HttpLimits, max_body_bytes=settings.max_body_bytes, max_upload_bytes=settings.max_upload_bytes
+)

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from models.schema import MAX_STORED_CATEGORIES, Feature, FeatureKind
 from models.store import StoredModel
 from serving.errors import BadInputError, ModelNotFoundError, ServingError
-from serving.metrics import ServingMetrics
+from serving.metrics import ServingMetrics, mark_refusal_counted
 from serving.oip.codec import InferRequest, OutputTensor, columns_from_tensors
 from serving.predlog import PredictionLog
 
@@ -62,6 +62,8 @@ class DataPlane:
         self._call_model = call_model
         # All-numeric rows travel as float64 (cheap to serialize); text needs an object array.
         self._row_dtype = object if model.schema.names_of(FeatureKind.CATEGORICAL) else np.float64
+        numeric_only = all(f.kind is FeatureKind.NUMERIC for f in model.schema.features)
+        self._log_dtype = np.float64 if numeric_only else object  # booleans stay booleans in the log
         self._log = log
         self._metrics = metrics
         self._draining = False
@@ -140,9 +142,14 @@ class DataPlane:
             [record.model_dump(by_alias=True) for record in records], columns=self.feature_names
         )
 
-    def frame_from_columns(self, columns: Mapping[str, Sequence[Any] | np.ndarray]) -> pd.DataFrame:
-        """Columns decoded from tensors, validated against the same schema rules as records."""
-        return pd.DataFrame({f.name: _validated_column(f, columns[f.name]) for f in self.schema.features})
+    def frame_from_columns(
+        self, columns: Mapping[str, Sequence[Any] | np.ndarray], first_row: int = 0
+    ) -> pd.DataFrame:
+        """Columns decoded from tensors or a file, validated against the same schema rules as records.
+        Errors name the first bad row, counted from 1 + `first_row` (where a chunk of a file starts)."""
+        return pd.DataFrame(
+            {f.name: _validated_column(f, columns[f.name], first_row) for f in self.schema.features}
+        )
 
     # ---- prediction ---------------------------------------------------------------------------------------
 
@@ -221,6 +228,7 @@ class DataPlane:
 
     def refused(self, error: ServingError, transport: str) -> None:
         self._metrics.validation_errors.labels(transport=transport, reason=error.reason).inc()
+        mark_refusal_counted(error.reason)
 
     def observe(self, transport: str, endpoint: str, started: float) -> None:
         self._metrics.request_seconds.labels(transport=transport, endpoint=endpoint).observe(
@@ -243,28 +251,24 @@ class DataPlane:
             self._metrics.predictions.labels(model=self.name, version=self.version, predicted=label).inc(
                 count
             )
-        timestamp = datetime.now(UTC).isoformat()
-        features = frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
-        answers = self.responses(batch)
+        header = {
+            "ts": datetime.now(UTC).isoformat(),
+            "request_id": batch.request_id,
+            "transport": transport,
+            "endpoint": endpoint,
+        }
+        # NaN becomes null in the JSON; a float matrix is far cheaper to turn into lists than a frame.
+        rows = frame.to_numpy(dtype=self._log_dtype).tolist()
+        names = self.feature_names
         self._log.write(
             [
-                {
-                    "ts": timestamp,
-                    "request_id": batch.request_id,
-                    "transport": transport,
-                    "endpoint": endpoint,
-                    **self.lineage,
-                    "features": row_features,
-                    "prediction": answer["prediction"],
-                    "probabilities": answer["probabilities"],
-                    "unknown_categories": answer["unknown_categories"],
-                }
-                for row_features, answer in zip(features, answers, strict=True)
+                {**header, "features": dict(zip(names, row, strict=True)), **answer}
+                for row, answer in zip(rows, self.responses(batch), strict=True)
             ]
         )
 
 
-def _validated_column(feature: Feature, values: Sequence[Any] | np.ndarray) -> np.ndarray:
+def _validated_column(feature: Feature, values: Sequence[Any] | np.ndarray, first_row: int) -> np.ndarray:
     """Apply the request model's rules (types, finite numbers, missing only where allowed) to a column."""
     array = np.asarray(values)
     name = feature.name
@@ -273,10 +277,12 @@ def _validated_column(feature: Feature, values: Sequence[Any] | np.ndarray) -> n
             raise BadInputError(f"'{name}': expected numbers, got {_describe(array)}", "wrong_type")
         floats = array.astype(np.float64)
         if np.isinf(floats).any():
-            raise BadInputError(f"'{name}': Infinity is not allowed", "not_finite")
-        if np.isnan(floats).any() and not feature.nullable:
+            row = first_row + int(np.flatnonzero(np.isinf(floats))[0]) + 1
+            raise BadInputError(f"'{name}': Infinity is not allowed (row {row})", "not_finite")
+        if not feature.nullable and np.isnan(floats).any():
+            row = first_row + int(np.flatnonzero(np.isnan(floats))[0]) + 1
             raise BadInputError(
-                f"'{name}': missing value (NaN) is not allowed for this feature", "missing_value"
+                f"'{name}': missing value (NaN) is not allowed for this feature (row {row})", "missing_value"
             )
         return floats
     if feature.kind is FeatureKind.BOOLEAN:

@@ -7,6 +7,9 @@ its storage mode at import), so the metrics are created on first use, once per p
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,3 +57,25 @@ def serving_metrics() -> ServingMetrics:
             "tabserve_prediction_log_dropped", "Prediction-log records that could not be written"
         ),
     )
+
+
+# Reasons of the refusals counted while one HTTP request was handled. HttpLimits opens a fresh list per
+# request and counts a 4xx itself only when nothing below it did (BentoML's own schema validation counts
+# nothing); a list, not a flag, because a value set in a task below would not be seen from here.
+_counted_refusals: ContextVar[list[str] | None] = ContextVar("counted_refusals", default=None)
+
+
+def mark_refusal_counted(reason: str) -> None:
+    counted = _counted_refusals.get()
+    if counted is not None:
+        counted.append(reason)
+
+
+@contextmanager
+def refusals_of_this_request() -> Iterator[list[str]]:
+    counted: list[str] = []
+    token = _counted_refusals.set(counted)
+    try:
+        yield counted
+    finally:
+        _counted_refusals.reset(token)

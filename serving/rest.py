@@ -1,6 +1,6 @@
 """What the HTTP transport needs beyond BentoML's `@bentoml.api` methods (which are POST-only and parse
-the body before user code runs): `GET /model`, and a middleware that refuses what the JSON endpoints cannot
-take before any parsing (wrong content type: 415; body over the limit: 413) and times and counts requests.
+the body before user code runs): `GET /model`, and a middleware that refuses what the endpoints cannot take
+before any parsing (wrong content type: 415; body over the limit: 413) and times and counts requests.
 """
 
 from __future__ import annotations
@@ -15,17 +15,19 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from serving.dataplane import DataPlane
-from serving.metrics import serving_metrics
+from serving.metrics import refusals_of_this_request, serving_metrics
 
 Scope = dict[str, Any]
 JSON_ENDPOINTS = frozenset({"/predict", "/predict_batch"})
-TIMED_ENDPOINTS = frozenset({"/predict", "/predict_batch", "/predict_file"})
+UPLOAD_ENDPOINT = "/predict_file"
+TIMED_ENDPOINTS = JSON_ENDPOINTS | {UPLOAD_ENDPOINT}
 
 
 class HttpLimits:
-    def __init__(self, app: Any, max_body_bytes: int) -> None:
+    def __init__(self, app: Any, max_body_bytes: int, max_upload_bytes: int) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.max_upload_bytes = max_upload_bytes
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         path = scope.get("path", "")
@@ -42,25 +44,23 @@ class HttpLimits:
                 status_seen.append(message["status"])
             await send(message)
 
-        if refusal is not None:
-            await _send_error(send_and_watch, *refusal)
-        else:
-            await self.app(scope, receive, send_and_watch)
+        with refusals_of_this_request() as counted:
+            if refusal is not None:
+                await _send_error(send_and_watch, *refusal)
+            else:
+                await self.app(scope, receive, send_and_watch)
         metrics = serving_metrics()
         status = status_seen[0] if status_seen else 500
-        if 400 <= status < 500:
+        if 400 <= status < 500 and not counted:
             reason = refusal[2] if refusal else "invalid_request" if status == 400 else f"http_{status}"
             metrics.validation_errors.labels(transport="http", reason=reason).inc()
         metrics.request_seconds.labels(transport="http", endpoint=path).observe(time.perf_counter() - started)
 
     def _refusal(self, path: str, headers: dict[str, str]) -> tuple[int, str, str] | None:
         length = headers.get("content-length", "")
-        if length.isdigit() and int(length) > self.max_body_bytes:
-            return (
-                413,
-                f"request body of {length} bytes is over the limit of {self.max_body_bytes}",
-                "body_too_large",
-            )
+        limit = self.max_upload_bytes if path == UPLOAD_ENDPOINT else self.max_body_bytes
+        if length.isdigit() and int(length) > limit:
+            return 413, f"request body of {length} bytes is over the limit of {limit}", "body_too_large"
         media_type = headers.get("content-type", "").split(";")[0].strip().lower()
         if path in JSON_ENDPOINTS and media_type != "application/json":
             shown = media_type or "none"

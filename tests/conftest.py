@@ -93,6 +93,8 @@ BENTOML = str(Path(sys.executable).parent / "bentoml")
 # Small limits, so that tests of them send small bodies.
 MAX_BATCH_RECORDS = 50
 MAX_BODY_BYTES = 200_000
+MAX_UPLOAD_BYTES = 40_000_000
+FILE_CHUNK_ROWS = 1000
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,8 @@ def server(
         TABSERVE_PREDICTION_LOG_DIR=str(log_dir),
         TABSERVE_MAX_BATCH_RECORDS=str(MAX_BATCH_RECORDS),
         TABSERVE_MAX_BODY_BYTES=str(MAX_BODY_BYTES),
+        TABSERVE_MAX_UPLOAD_BYTES=str(MAX_UPLOAD_BYTES),
+        TABSERVE_FILE_CHUNK_ROWS=str(FILE_CHUNK_ROWS),
     )
     output = log_dir.parent / "server-output.txt"
     process = start_server(env, port, output)

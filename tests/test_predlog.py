@@ -8,7 +8,8 @@ from serving.predlog import PredictionLog
 
 def test_records_are_json_lines_and_rotate(tmp_path: Path) -> None:
     log = PredictionLog(tmp_path, max_bytes=2_000, backups=3)
-    log.write([{"row": i, "features": {"x": float(i)}} for i in range(500)])
+    for request in range(100):  # five rows a request; files rotate between requests
+        log.write([{"row": i, "features": {"x": float(i)}} for i in range(request * 5, request * 5 + 5)])
     log.close()
     files = sorted(tmp_path.glob("predictions-*.jsonl*"))
     assert len(files) == 4  # the live file and three backups
@@ -36,7 +37,8 @@ def test_a_write_that_fails_later_is_counted_not_raised(tmp_path: Path) -> None:
     backup = tmp_path / f"{log.path.name}.1"
     backup.mkdir()
     (backup / "keep").write_text("x")
-    log.write([{"row": i, "padding": "x" * 100} for i in range(20)])
+    for i in range(20):
+        log.write([{"row": i, "padding": "x" * 100}])
     log.close()
     assert log.dropped > 0
     assert log.dropped < 20  # the rows before the first rotation were written
