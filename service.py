@@ -24,13 +24,14 @@ from bentoml.exceptions import BentoMLException
 from pydantic import BaseModel, Field
 from starlette.applications import Starlette
 
+from drift.summary import read_latest
 from models.errors import InputError
 from models.store import StoredModel
 from serving import oip_rest
 from serving.dataplane import DataPlane
 from serving.errors import ServingError
 from serving.files import predict_file_route
-from serving.metrics import serving_metrics
+from serving.metrics import export_latest_drift, serving_metrics
 from serving.oip.grpc_server import GrpcServer, start_grpc_server
 from serving.predlog import PredictionLog
 from serving.rest import HttpLimits, model_info_route
@@ -73,6 +74,8 @@ RUNNER_CONNECTION = {"max_requests": 2**31 - 1, "max_age": 1e9}
 GRACE_SECONDS = 30
 # The model service exits once no call has come in for this long after SIGTERM.
 QUIET_SECONDS = 2.0
+# How often the latest drift report (written by `python -m drift report`) is read into /metrics.
+DRIFT_REFRESH_SECONDS = 30
 
 
 @bentoml.service(
@@ -155,6 +158,18 @@ class Tabserve:
         self.plane = DataPlane(champion, self._call_model, self.log, metrics)
         self.grpc: GrpcServer | None = None
         self._grpc_stopped: asyncio.Future[None] | None = None
+
+    @bentoml.on_startup
+    async def watch_drift_reports(self) -> None:
+        self._drift_watch = asyncio.create_task(self._export_drift_every(DRIFT_REFRESH_SECONDS))
+
+    async def _export_drift_every(self, seconds: float) -> None:
+        metrics = serving_metrics()
+        while True:
+            summary = await asyncio.to_thread(read_latest, settings.drift_reports_dir, champion.name)
+            if summary is not None:
+                export_latest_drift(metrics, summary)
+            await asyncio.sleep(seconds)
 
     @bentoml.on_startup
     async def start_grpc(self) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -24,11 +25,14 @@ class ServingMetrics:
     batch_rows: Any  # Histogram: rows per model call (after adaptive batching)
     validation_errors: Any  # Counter: refused requests by transport and reason
     log_dropped: Any  # Counter: prediction-log records that could not be written
+    drift_share: Any  # Gauge: share of drifted features in the latest drift report, by model and version
+    drift_detected: Any  # Gauge: 1 if the latest drift report found drift, else 0
+    drift_report_time: Any  # Gauge: when the latest drift report finished (Unix seconds)
 
 
 @functools.cache
 def serving_metrics() -> ServingMetrics:
-    from prometheus_client import Counter, Histogram  # noqa: PLC0415  (see the module docstring)
+    from prometheus_client import Counter, Gauge, Histogram  # noqa: PLC0415  (see the module docstring)
 
     return ServingMetrics(
         predictions=Counter(
@@ -56,7 +60,35 @@ def serving_metrics() -> ServingMetrics:
         log_dropped=Counter(
             "tabserve_prediction_log_dropped", "Prediction-log records that could not be written"
         ),
+        # Set by every API worker from the same file: the most recent value is the right one.
+        drift_share=Gauge(
+            "tabserve_drift_share",
+            "Share of drifted features in the latest drift report",
+            ["model", "version"],
+            multiprocess_mode="mostrecent",
+        ),
+        drift_detected=Gauge(
+            "tabserve_drift_detected",
+            "1 if the latest drift report found drift",
+            ["model", "version"],
+            multiprocess_mode="mostrecent",
+        ),
+        drift_report_time=Gauge(
+            "tabserve_drift_report_timestamp_seconds",
+            "When the latest drift report finished, in Unix seconds",
+            ["model", "version"],
+            multiprocess_mode="mostrecent",
+        ),
     )
+
+
+def export_latest_drift(metrics: ServingMetrics, summary: dict[str, Any]) -> None:
+    """The gauges of a drift summary (drift/summary.py: `<reports dir>/<model>/latest.json`)."""
+    labels = {"model": summary["model"], "version": summary["version"]}
+    metrics.drift_share.labels(**labels).set(float(summary["drift_share"]))
+    metrics.drift_detected.labels(**labels).set(1.0 if summary["drift_detected"] else 0.0)
+    finished = datetime.fromisoformat(summary["finished_at"]).timestamp()
+    metrics.drift_report_time.labels(**labels).set(finished)
 
 
 # Reasons of the refusals counted while one HTTP request was handled. HttpLimits opens a fresh list per

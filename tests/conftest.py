@@ -19,6 +19,8 @@ import httpx
 import pytest
 from mlflow import MlflowClient
 
+from drift.summary import Summary, write_latest
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -95,6 +97,21 @@ MAX_BATCH_RECORDS = 50
 MAX_BODY_BYTES = 200_000
 MAX_UPLOAD_BYTES = 40_000_000
 FILE_CHUNK_ROWS = 1000
+LATEST_DRIFT = Summary(
+    model="breast_cancer",
+    version="judged-version",
+    registered_version="1",
+    mlflow_run_id="run",
+    data_digest="digest",
+    drift_detected=True,
+    drift_share=0.25,
+    drifted_features=["mean radius"],
+    rows_compared=500,
+    rows_seen=500,
+    prediction_drift=False,
+    finished_at="2026-11-23T10:00:00+00:00",
+    report_dir="/reports/breast_cancer/judged-version",
+)
 
 
 @dataclass(frozen=True)
@@ -150,6 +167,8 @@ def server(
     """One real `bentoml serve` (HTTP + OIP REST + gRPC) on free loopback ports for the session."""
     port, grpc_port = free_port(), free_port()
     log_dir = tmp_path_factory.mktemp("prediction-log")
+    reports_dir = tmp_path_factory.mktemp("reports")
+    write_latest(reports_dir, LATEST_DRIFT)  # as `python -m drift report` leaves it, for /metrics
     env = stores.env(
         TABSERVE_GRPC_HOST="127.0.0.1",
         TABSERVE_GRPC_PORT=str(grpc_port),
@@ -158,6 +177,7 @@ def server(
         TABSERVE_MAX_BODY_BYTES=str(MAX_BODY_BYTES),
         TABSERVE_MAX_UPLOAD_BYTES=str(MAX_UPLOAD_BYTES),
         TABSERVE_FILE_CHUNK_ROWS=str(FILE_CHUNK_ROWS),
+        TABSERVE_REPORTS_DIR=str(reports_dir),
     )
     output = log_dir.parent / "server-output.txt"
     process = start_server(env, port, output)

@@ -6,6 +6,7 @@ import json
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,15 @@ import pytest
 
 from models.data import load_default
 from models.store import StoredModel
-from tests.conftest import MAX_BATCH_RECORDS, MAX_BODY_BYTES, Server, Stores, free_port, start_server
+from tests.conftest import (
+    LATEST_DRIFT,
+    MAX_BATCH_RECORDS,
+    MAX_BODY_BYTES,
+    Server,
+    Stores,
+    free_port,
+    start_server,
+)
 
 
 @pytest.fixture(scope="module")
@@ -181,16 +190,32 @@ def test_32_concurrent_clients_all_succeed_and_are_batched(
     assert 0 < calls < 320, "320 concurrent rows should take fewer model calls than rows"
 
 
-def test_metrics_name_the_model_version_transport_and_refusals(server: Server, stored: StoredModel) -> None:
+def test_metrics_name_the_model_version_transport_and_refusals(
+    server: Server, stored: StoredModel, records: list[dict[str, float]]
+) -> None:
+    predicted = post(server, "/predict", records[0]).json()["prediction"]
+    assert (
+        httpx.post(f"{server.url}/predict", content=b"x", headers={"Content-Type": "text/plain"}).status_code
+        == 415
+    )
     predictions = metric_values(server, "tabserve_predictions_total")
     assert any(
-        f'version="{stored.version}"' in labels and 'predicted="benign"' in labels for labels in predictions
+        f'version="{stored.version}"' in labels and f'predicted="{predicted}"' in labels
+        for labels in predictions
     )
     latency = metric_values(server, "tabserve_request_seconds_count")
     assert any('transport="http"' in labels and 'endpoint="/predict"' in labels for labels in latency)
     refusals = metric_values(server, "tabserve_validation_errors_total")
     assert any('reason="unsupported_media_type"' in labels for labels in refusals)
     assert "tabserve_prediction_log_dropped_total" in httpx.get(f"{server.url}/metrics").text
+
+
+def test_metrics_export_the_latest_drift_report(server: Server) -> None:
+    labels = '{model="breast_cancer",version="judged-version"}'
+    assert metric_values(server, "tabserve_drift_share")[labels] == LATEST_DRIFT.drift_share
+    assert metric_values(server, "tabserve_drift_detected")[labels] == 1.0
+    finished = datetime.fromisoformat(LATEST_DRIFT.finished_at).timestamp()
+    assert metric_values(server, "tabserve_drift_report_timestamp_seconds")[labels] == finished
 
 
 def test_prediction_log_has_one_line_per_answered_row(
