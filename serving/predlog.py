@@ -5,12 +5,12 @@ One file per worker process, so that rotation never races between processes. Wri
 background thread (QueueHandler -> QueueListener), so a slow disk never blocks a request, and a failing
 disk never fails one: the record is dropped, counted, and a warning is logged once.
 
-A line:
+A line (keys in this order):
     {"ts": "2026-11-23T10:00:00.123456+00:00", "request_id": "...", "transport": "http",
-     "endpoint": "/predict", "model": "breast_cancer", "version": "nxn7...", "registered_version": "1",
-     "mlflow_run_id": "...", "data_digest": "84ef6c2c", "features": {"mean radius": 13.5, ...},
-     "prediction": "benign", "probabilities": {"benign": 0.99, "malignant": 0.01},
-     "unknown_categories": {}}
+     "endpoint": "/predict", "features": {"mean radius": 13.5, ...}, "prediction": "benign",
+     "probabilities": {"benign": 0.99, "malignant": 0.01}, "unknown_categories": {},
+     "model": "breast_cancer", "version": "nxn7...", "registered_version": "1", "mlflow_run_id": "...",
+     "data_digest": "84ef6c2c"}
 """
 
 from __future__ import annotations
