@@ -21,8 +21,8 @@ import bentoml
 import numpy as np
 import pandas as pd
 from bentoml.exceptions import BentoMLException
+from fastapi import FastAPI
 from pydantic import BaseModel, Field
-from starlette.applications import Starlette
 
 from drift.summary import read_latest
 from models.errors import InputError
@@ -132,13 +132,17 @@ def current_plane() -> DataPlane:
 
 
 # Routes that BentoML's POST-only APIs cannot express. Mounted at the root (BentoML's own routes still come
-# first), since a mount at /v2 or /model would answer the bare path with a redirect.
-extra_routes = Starlette(
+# first), since a mount at /v2 or /model would answer the bare path with a redirect. A FastAPI app, because
+# BentoML adds a mounted FastAPI app's routes to its OpenAPI page (the OIP routes are documented by the OIP).
+extra_routes = FastAPI(
     routes=[
         model_info_route(current_plane),
         predict_file_route(current_plane, settings.max_upload_bytes, settings.file_chunk_rows),
         *oip_rest.routes(current_plane),
-    ]
+    ],
+    openapi_url=None,
+    docs_url=None,
+    redoc_url=None,
 )
 
 

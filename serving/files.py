@@ -30,10 +30,10 @@ import orjson
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
+from fastapi.routing import APIRoute
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
-from starlette.routing import Route
 
 from models.schema import FeatureKind
 from serving.dataplane import DataPlane, PredictionBatch
@@ -76,7 +76,7 @@ ACCEPT_ALIASES = {
 
 def predict_file_route(
     current_plane: Callable[[], DataPlane], max_upload_bytes: int, chunk_rows: int
-) -> Route:
+) -> APIRoute:
     async def predict_file(request: Request) -> Response:
         plane = current_plane()
         try:
@@ -91,7 +91,61 @@ def predict_file_route(
             body = orjson.dumps({"error": error.message})
             return Response(body, status_code=error.status, media_type="application/json")
 
-    return Route(ENDPOINT, predict_file, methods=["POST"])
+    return APIRoute(
+        ENDPOINT,
+        predict_file,
+        methods=["POST"],
+        summary="Predict every row of a CSV or Parquet file",
+        description=(
+            "The table as the body (text/csv, application/vnd.apache.parquet, application/octet-stream) "
+            "or as the `file` field of a form, with the training column names as its header. Answers "
+            "stream back in row order as CSV or Parquet (columns prediction, probability_<class>, "
+            "unknown_categories when the model has categorical features) or JSON. The whole file is "
+            "validated before the first answer: a bad value anywhere gets a 400 naming the row and column."
+        ),
+        response_class=Response,
+        openapi_extra=OPENAPI,
+    )
+
+
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+_ERROR = {
+    "content": {
+        "application/json": {"schema": {"type": "object", "properties": {"error": {"type": "string"}}}}
+    }
+}
+# What FastAPI cannot infer from a handler that reads the request itself.
+OPENAPI: dict[str, Any] = {
+    "parameters": [
+        {
+            "name": "format",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "string", "enum": [f.value for f in TableFormat]},
+            "description": "Output format; default: the Accept header, else the upload's format",
+        }
+    ],
+    "requestBody": {
+        "required": True,
+        "content": {
+            "text/csv": _BINARY,
+            "application/vnd.apache.parquet": _BINARY,
+            "application/octet-stream": _BINARY,
+            "multipart/form-data": {
+                "schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}
+            },
+        },
+    },
+    "responses": {
+        "200": {
+            "description": "One prediction per row, streamed",
+            "content": dict.fromkeys(MEDIA_TYPES.values(), _BINARY),
+        },
+        "400": {"description": "The file cannot be read or a value is invalid", **_ERROR},
+        "413": {"description": "The upload is over TABSERVE_MAX_UPLOAD_BYTES", **_ERROR},
+        "415": {"description": "Not a CSV, Parquet or multipart upload", **_ERROR},
+    },
+}
 
 
 async def _answer(request: Request, plane: DataPlane, upload: IO[bytes], chunk_rows: int) -> Response:

@@ -10,9 +10,9 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
+from fastapi.routing import APIRoute
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from serving.dataplane import DataPlane
 from serving.metrics import refusals_of_this_request, serving_metrics
@@ -80,8 +80,22 @@ async def _send_error(send: Any, status: int, message: str, _reason: str) -> Non
     await send({"type": "http.response.body", "body": body})
 
 
-def model_info_route(current_plane: Callable[[], DataPlane]) -> Route:
+def model_info_route(current_plane: Callable[[], DataPlane]) -> APIRoute:
     async def model_info(_request: Request) -> Response:
         return Response(orjson.dumps(current_plane().model_info()), media_type="application/json")
 
-    return Route("/model", model_info, methods=["GET"])
+    return APIRoute(
+        "/model",
+        model_info,
+        methods=["GET"],
+        summary="The served model: name, version, alias, MLflow run, metrics, feature schema, classes",
+        response_class=Response,
+        openapi_extra={
+            "responses": {
+                "200": {
+                    "description": "The model",
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                }
+            }
+        },
+    )

@@ -246,6 +246,9 @@ def test_openapi_documents_the_record_by_column_name(server: Server) -> None:
     assert '"mean radius"' in text
     assert "training range" in text
     assert "/predict_batch" in text
+    paths = httpx.get(f"{server.url}/docs.json", timeout=30).json()["paths"]
+    assert "text/csv" in paths["/predict_file"]["post"]["requestBody"]["content"]
+    assert "get" in paths["/model"]
 
 
 def test_serve_without_a_model_says_to_train(stores: Stores, tmp_path: Path) -> None:
