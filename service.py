@@ -221,7 +221,7 @@ class Tabserve:
 
     async def _predict(self, records: list[Any], endpoint: str) -> list[Prediction]:
         try:
-            batch = await self.plane.predict_frame(self.plane.frame_from_records(records), "http", endpoint)
+            batch = await self.plane.predict_rows(self.plane.rows_from_records(records), "http", endpoint)
         except ServingError as error:
             self.plane.refused(error, "http")
             raise BentoMLException(error.message, error_code=HTTPStatus(error.status)) from None

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
-import pandas as pd
 from pydantic import BaseModel
 
-from models.schema import MAX_STORED_CATEGORIES, Feature, FeatureKind
+from models.schema import MAX_STORED_CATEGORIES, Feature, FeatureKind, field_names
 from models.store import StoredModel
 from serving.errors import BadInputError, ModelNotFoundError, ServingError
 from serving.metrics import ServingMetrics, mark_refusal_counted
@@ -60,19 +60,21 @@ class DataPlane:
             "data_digest": model.metadata["dataset_digest"],
         }
         self._call_model = call_model
-        # All-numeric rows travel as float64 (cheap to serialize); text needs an object array.
-        self._row_dtype = object if model.schema.names_of(FeatureKind.CATEGORICAL) else np.float64
+        # Rows are 2-D arrays in schema column order, never DataFrames: building a frame per request costs
+        # more than the model call. All-numeric rows are float64 (cheap to send and to log); booleans and
+        # text need an object array. The model service builds one frame per batch.
         numeric_only = all(f.kind is FeatureKind.NUMERIC for f in model.schema.features)
-        self._log_dtype = np.float64 if numeric_only else object  # booleans stay booleans in the log
+        self._row_dtype: type = np.float64 if numeric_only else object
+        self._record_fields = field_names(self.feature_names)
         self._log = log
         self._metrics = metrics
         self._draining = False
         # Unknown categories can be named only where the stored list of seen categories is complete.
-        self._known_categories = {
-            feature.name: frozenset(feature.categories)
-            for feature in model.schema.features
+        self._known_categories = [
+            (index, feature.name, frozenset(feature.categories))
+            for index, feature in enumerate(model.schema.features)
             if feature.kind is FeatureKind.CATEGORICAL and len(feature.categories) < MAX_STORED_CATEGORIES
-        }
+        ]
 
     # ---- health and metadata -------------------------------------------------------------------------
 
@@ -136,29 +138,26 @@ class DataPlane:
 
     # ---- inputs -----------------------------------------------------------------------------------------
 
-    def frame_from_records(self, records: Sequence[BaseModel]) -> pd.DataFrame:
-        """Rows already validated by the schema's request model (the HTTP APIs' input spec)."""
-        return pd.DataFrame(
-            [record.model_dump(by_alias=True) for record in records], columns=self.feature_names
-        )
+    def rows_from_records(self, records: Sequence[BaseModel]) -> np.ndarray:
+        """Records already validated by the schema's request model (the HTTP APIs' input spec)."""
+        fields = self._record_fields
+        return np.array([[getattr(record, f) for f in fields] for record in records], dtype=self._row_dtype)
 
-    def frame_from_columns(
+    def rows_from_columns(
         self, columns: Mapping[str, Sequence[Any] | np.ndarray], first_row: int = 0
-    ) -> pd.DataFrame:
+    ) -> np.ndarray:
         """Columns decoded from tensors or a file, validated against the same schema rules as records.
         Errors name the first bad row, counted from 1 + `first_row` (where a chunk of a file starts)."""
-        return pd.DataFrame(
-            {f.name: _validated_column(f, columns[f.name], first_row) for f in self.schema.features}
-        )
+        validated = [_validated_column(f, columns[f.name], first_row) for f in self.schema.features]
+        return np.column_stack(validated).astype(self._row_dtype, copy=False)
 
     # ---- prediction ---------------------------------------------------------------------------------------
 
-    async def predict_frame(
-        self, frame: pd.DataFrame, transport: str, endpoint: str, request_id: str | None = None
+    async def predict_rows(
+        self, rows: np.ndarray, transport: str, endpoint: str, request_id: str | None = None
     ) -> PredictionBatch:
-        if frame.empty:
+        if len(rows) == 0:
             raise BadInputError("no rows to predict: the batch is empty", "empty_batch")
-        rows = self.schema.prepare(frame).to_numpy(dtype=self._row_dtype)
         outputs = np.asarray(await self._call_model(rows))
         if self.classes is not None and self.model.classes is not None:
             labels = np.asarray(self.model.classes, dtype=object)[outputs.argmax(axis=1)].tolist()
@@ -170,15 +169,15 @@ class DataPlane:
             labels=labels,
             probabilities=probabilities,
             classes=self.classes,
-            unknown_categories=self._unknown_categories(frame),
+            unknown_categories=self._unknown_categories(rows),
         )
-        self._record(frame, batch, transport, endpoint)
+        self._record(rows, batch, transport, endpoint)
         return batch
 
     async def infer(self, request: InferRequest, transport: str) -> tuple[list[OutputTensor], str]:
         """An Open Inference Protocol request (REST or gRPC), already decoded into tensors."""
-        frame = self.frame_from_columns(columns_from_tensors(request.inputs, self.feature_names))
-        batch = await self.predict_frame(frame, transport, "infer", request.id)
+        rows = self.rows_from_columns(columns_from_tensors(request.inputs, self.feature_names))
+        batch = await self.predict_rows(rows, transport, "infer", request.id)
         return self.output_tensors(batch, request.outputs), batch.request_id
 
     def output_tensors(self, batch: PredictionBatch, requested: list[str] | None) -> list[OutputTensor]:
@@ -235,19 +234,17 @@ class DataPlane:
             time.perf_counter() - started
         )
 
-    def _unknown_categories(self, frame: pd.DataFrame) -> list[dict[str, str]]:
-        unknown: list[dict[str, str]] = [{} for _ in range(len(frame))]
-        for name, known in self._known_categories.items():
-            values = frame[name]
-            for row in np.flatnonzero(values.notna().to_numpy() & ~values.isin(known).to_numpy()):
-                unknown[row][name] = str(values.iloc[row])
+    def _unknown_categories(self, rows: np.ndarray) -> list[dict[str, str]]:
+        unknown: list[dict[str, str]] = [{} for _ in range(len(rows))]
+        for index, name, known in self._known_categories:
+            for row, value in enumerate(rows[:, index].tolist()):
+                if value is not None and value not in known:
+                    unknown[row][name] = str(value)
         return unknown
 
-    def _record(self, frame: pd.DataFrame, batch: PredictionBatch, transport: str, endpoint: str) -> None:
-        predicted = (
-            pd.Series(batch.labels).astype(str) if batch.classes else pd.Series(["value"] * len(batch.labels))
-        )
-        for label, count in predicted.value_counts().items():
+    def _record(self, rows: np.ndarray, batch: PredictionBatch, transport: str, endpoint: str) -> None:
+        predicted = Counter(map(str, batch.labels)) if batch.classes else Counter(value=len(batch.labels))
+        for label, count in predicted.items():
             self._metrics.predictions.labels(model=self.name, version=self.version, predicted=label).inc(
                 count
             )
@@ -257,13 +254,11 @@ class DataPlane:
             "transport": transport,
             "endpoint": endpoint,
         }
-        # NaN becomes null in the JSON; a float matrix is far cheaper to turn into lists than a frame.
-        rows = frame.to_numpy(dtype=self._log_dtype).tolist()
-        names = self.feature_names
+        names = self.feature_names  # NaN becomes null in the JSON
         self._log.write(
             [
                 {**header, "features": dict(zip(names, row, strict=True)), **answer}
-                for row, answer in zip(rows, self.responses(batch), strict=True)
+                for row, answer in zip(rows.tolist(), self.responses(batch), strict=True)
             ]
         )
 

@@ -296,7 +296,7 @@ def _frame_columns(batch: pa.RecordBatch, plane: DataPlane) -> dict[str, Any]:
 def _validate(plane: DataPlane, upload: IO[bytes], source: TableFormat, chunk_rows: int) -> int:
     rows = 0
     for batch in _chunks(plane, upload, source, chunk_rows):
-        plane.frame_from_columns(_frame_columns(batch, plane), first_row=rows)
+        plane.rows_from_columns(_frame_columns(batch, plane), first_row=rows)
         rows += batch.num_rows
     return rows
 
@@ -317,8 +317,8 @@ async def _predictions(
     try:
         yield encoder.start()
         while (batch := await asyncio.to_thread(next, chunks, None)) is not None:
-            frame = plane.frame_from_columns(_frame_columns(batch, plane))
-            predictions = await plane.predict_frame(frame, TRANSPORT, ENDPOINT, request_id)
+            rows = plane.rows_from_columns(_frame_columns(batch, plane))
+            predictions = await plane.predict_rows(rows, TRANSPORT, ENDPOINT, request_id)
             yield await asyncio.to_thread(encoder.chunk, predictions)
         yield encoder.finish()
     finally:
