@@ -4,7 +4,8 @@
 
 Two services, one concern each:
 - `ModelRunner` owns the model and one batchable API; BentoML merges the rows of concurrent calls into
-  one model call (adaptive batching), whichever transport they came from.
+  one model call (adaptive batching), whichever transport they came from. The API process already merges
+  the rows of its concurrent requests into shared calls (serving/coalesce.py).
 - `Tabserve` owns the transports: BentoML HTTP APIs typed from the stored feature schema, the Open
   Inference Protocol over REST (mounted at /v2) and over gRPC (its own server, started with the service).
   All of them go through one data plane (serving/dataplane.py).
@@ -28,6 +29,7 @@ from drift.summary import read_latest
 from models.errors import InputError
 from models.store import StoredModel
 from serving import oip_rest
+from serving.coalesce import Coalescer
 from serving.dataplane import DataPlane
 from serving.errors import ServingError
 from serving.files import predict_file_route
@@ -159,6 +161,7 @@ class Tabserve:
             settings.prediction_log_backups,
             on_drop=metrics.log_dropped.inc,
         )
+        self._coalesced = Coalescer(self._call_batched, max_rows=settings.max_batch_rows)
         self.plane = DataPlane(champion, self._call_model, self.log, metrics)
         self.grpc: GrpcServer | None = None
         self._grpc_stopped: asyncio.Future[None] | None = None
@@ -192,6 +195,9 @@ class Tabserve:
         if len(rows) >= settings.max_batch_rows:
             bulk: np.ndarray = await self.runner.to_async.infer_bulk(rows)
             return bulk
+        return await self._coalesced(rows)
+
+    async def _call_batched(self, rows: np.ndarray) -> np.ndarray:
         result: np.ndarray = await self.runner.to_async.infer(rows)
         return result
 

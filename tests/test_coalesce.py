@@ -1,0 +1,78 @@
+"""The API-side coalescer alone: concurrent requests share model calls, each gets its own rows back."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from serving.coalesce import Coalescer
+
+
+class FakeModel:
+    """Probabilities that identify their row (first feature), and a record of each call's size."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.calls: list[int] = []
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.fail = fail
+
+    async def __call__(self, rows: np.ndarray) -> np.ndarray:
+        self.calls.append(len(rows))
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        await asyncio.sleep(0.01)
+        self.in_flight -= 1
+        if self.fail:
+            raise RuntimeError("model service unavailable")
+        return np.column_stack([rows[:, 0], -rows[:, 0]])
+
+
+def requests(count: int, rows_each: int = 1) -> list[np.ndarray]:
+    return [np.full((rows_each, 3), float(i)) for i in range(count)]
+
+
+def test_concurrent_requests_share_calls_and_get_their_own_rows() -> None:
+    model = FakeModel()
+    coalescer = Coalescer(model, max_rows=64, max_in_flight=2)
+
+    async def run() -> list[np.ndarray]:
+        return await asyncio.gather(*(coalescer(rows) for rows in requests(100)))
+
+    answers = asyncio.run(run())
+    assert [answer[0, 0] for answer in answers] == [float(i) for i in range(100)]
+    assert all(answer.shape == (1, 2) for answer in answers)
+    assert sum(model.calls) == 100
+    assert len(model.calls) < 10, model.calls
+    assert max(model.calls) <= 64
+    assert model.most_in_flight <= 2
+
+
+def test_a_lone_request_is_sent_at_once_and_multi_row_requests_stay_whole() -> None:
+    model = FakeModel()
+    coalescer = Coalescer(model, max_rows=10)
+
+    async def run() -> list[np.ndarray]:
+        first = await coalescer(requests(1, rows_each=3)[0])
+        rest = await asyncio.gather(*(coalescer(rows) for rows in requests(5, rows_each=4)))
+        return [first, *rest]
+
+    answers = asyncio.run(run())
+    assert model.calls[0] == 3
+    assert [len(answer) for answer in answers] == [3, 4, 4, 4, 4, 4]
+    assert all(size <= 10 for size in model.calls)
+
+
+def test_a_failed_call_fails_each_of_its_requests_and_the_next_calls_go_on() -> None:
+    model = FakeModel(fail=True)
+    coalescer = Coalescer(model, max_rows=64)
+
+    async def run() -> tuple[list[object], np.ndarray]:
+        failed = await asyncio.gather(*(coalescer(rows) for rows in requests(20)), return_exceptions=True)
+        model.fail = False
+        return failed, await coalescer(requests(1)[0])
+
+    failed, answer = asyncio.run(run())
+    assert all(isinstance(outcome, RuntimeError) for outcome in failed)
+    assert answer.shape == (1, 2)
