@@ -9,7 +9,7 @@ export OMP_NUM_THREADS ?= 1
 # Use the system's CA store, so that PyPI works behind a TLS-intercepting proxy too.
 export UV_NATIVE_TLS ?= 1
 
-.PHONY: setup train serve build test lint format clean
+.PHONY: setup train serve build test lint format clean drift-report simulate drift-bench
 
 setup: .venv/.synced
 
@@ -28,6 +28,18 @@ train: setup
 serve: setup
 	$(PY) train.py --if-missing
 	.venv/bin/bentoml serve service:Tabserve --port $(PORT)
+
+# Drift (docs/drift.md): judge the last 24 h of the prediction log; send test traffic (SCENARIO=baseline,
+# shift, new-category, missing-spike) to a running `make serve`; the 1M-row measurement.
+SCENARIO ?= baseline
+drift-report: setup
+	$(PY) -m drift report
+
+simulate: setup
+	$(PY) -m drift simulate $(SCENARIO) --url http://127.0.0.1:$(PORT) --rows 1000 --batch 50 --rate 500
+
+drift-bench: setup
+	$(PY) -m drift bench
 
 # The bento's Python requirements are the lock file's exact versions, without the dev tools.
 build: setup

@@ -55,7 +55,10 @@ class Settings(BaseSettings):
         default=1024, ge=1, description="Most rows in one adaptively batched model call."
     )
     max_latency_ms: int = Field(
-        default=300, ge=10, description="Deadline for a batched model call; later requests get 503."
+        default=1000,
+        ge=10,
+        description="Load-shedding deadline of the adaptive batcher: a request it cannot answer in time "
+        "gets 503. Not a wait: batches form from requests that arrive while the model is busy.",
     )
     max_batch_records: int = Field(
         default=10_000, ge=1, description="Most records in one /predict_batch call."
@@ -80,6 +83,24 @@ class Settings(BaseSettings):
     )
     workspace_dir: Path | None = Field(
         default=None, description="Evidently workspace of report snapshots. Default: <data_dir>/workspace."
+    )
+
+    drift_max_rows: int = Field(
+        default=100_000,
+        ge=10,
+        description="Most log rows a drift report compares; a larger window is reservoir-sampled.",
+    )
+    drift_min_rows: int = Field(
+        default=50, ge=1, description="Fewest log rows a drift report judges; fewer exit with code 2."
+    )
+    drift_share: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of features that must drift for a report to say drift; 0: any one feature.",
+    )
+    drift_webhook_url: str | None = Field(
+        default=None, description="Slack- or Discord-compatible webhook that drift reports alert."
     )
 
     @property

@@ -1,7 +1,8 @@
 """The prediction log: one JSON line per answered row, the live data that drift reports read.
 
-Files: ``<log dir>/predictions-<pid>.jsonl``, rotated by size (``.1``, ``.2``, ... up to the backup count).
-One file per worker process, so that rotation never races between processes. Writing happens on a
+Files: ``<log dir>/predictions-<host>-<pid>.jsonl``, rotated by size (``.1``, ``.2``, ... up to the backup
+count). One file per worker process, so that rotation never races between processes; the host name keeps
+the files of replicas apart on a shared volume (in containers, every replica's worker has the same pid). Writing happens on a
 background thread (QueueHandler -> QueueListener), so a slow disk never blocks a request, and a failing
 disk never fails one: the record is dropped, counted, and a warning is logged once.
 
@@ -19,6 +20,7 @@ import logging
 import logging.handlers
 import os
 import queue
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -50,7 +52,7 @@ class PredictionLog:
         self._logger = logging.getLogger(f"tabserve.predictions.{id(self)}")
         self._logger.propagate = False
         self._logger.setLevel(logging.INFO)
-        self.path = directory / f"predictions-{os.getpid()}.jsonl"
+        self.path = directory / f"predictions-{socket.gethostname()}-{os.getpid()}.jsonl"
         try:
             directory.mkdir(parents=True, exist_ok=True)
             if not os.access(directory, os.W_OK):
