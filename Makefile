@@ -9,7 +9,7 @@ export OMP_NUM_THREADS ?= 1
 # Use the system's CA store, so that PyPI works behind a TLS-intercepting proxy too.
 export UV_NATIVE_TLS ?= 1
 
-.PHONY: setup train serve build test lint format clean drift-report simulate drift-bench
+.PHONY: setup train serve build test lint format clean drift-report simulate drift-bench containerize smoke dashboard
 
 setup: .venv/.synced
 
@@ -46,6 +46,21 @@ build: setup
 	$(PY) train.py --if-missing
 	$(UV) export --frozen --no-dev --no-hashes --no-emit-project --no-header -o requirements.txt >/dev/null
 	.venv/bin/bentoml build
+
+# The image of the bento: tabserve:<bento version> and tabserve:latest (docs/deployment.md).
+# ENGINE=docker|podman; CONTAINERIZE_OPTS, e.g. --opt volume=/etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro
+ENGINE ?= $(if $(shell command -v podman 2>/dev/null),podman,docker)
+containerize: build
+	version=$$(.venv/bin/bentoml get tabserve:latest -o json | $(PY) -c 'import json, sys; print(json.load(sys.stdin)["version"])') && \
+	.venv/bin/bentoml containerize tabserve:$$version --backend $(ENGINE) -t tabserve:$$version -t tabserve:latest $(CONTAINERIZE_OPTS)
+
+# Builds the image, runs it as compose and Kubernetes do, calls it, removes what it built (~10 min).
+smoke: setup
+	$(PY) -m deploy.container.smoke
+
+# Regenerates deploy/compose/grafana/dashboards/tabserve.json from deploy/dashboard.py.
+dashboard: setup
+	$(PY) -m deploy.dashboard
 
 test: setup
 	.venv/bin/pytest

@@ -1,0 +1,469 @@
+"""Container smoke test: build the image the way `make containerize` does, run it, call it as users do.
+
+    .venv/bin/python -m deploy.container.smoke                  # podman if installed, else docker
+    .venv/bin/python -m deploy.container.smoke --engine docker
+
+Steps, each timed:
+1. train the default model into a throwaway store, export the locked requirements, `bentoml build`;
+2. `bentoml containerize` with the chosen engine; the image exposes 3000 and 3001 and is not root;
+3. run the image on free loopback ports (--network host), with a named volume at /var/lib/tabserve as
+   the compose stack does, and check /readyz, GET /model, POST /predict, a bad request (400), OIP REST,
+   OIP gRPC ModelInfer, /metrics, that no process runs as root and that the prediction log is on the volume;
+4. run it again as Kubernetes does (deploy/k8s: read-only root, writable /tmp only, uid 1034, its own
+   prediction-log folder) and predict once;
+5. run the compose file's `drift` service environment on the same volume: the model and the log are
+   visible, and `python -m drift report` judges the logged rows and writes latest.json and a snapshot;
+   then deploy/k8s's drift CronJob command, read-only as there, over every pod's log folder;
+6. run the compose file's `mlflow` and `evidently-ui` commands from the image and call them (the UI lists
+   the snapshot of step 5), and check that the running service exports the report as tabserve_drift_*;
+7. stop the service with SIGTERM and check it exits cleanly within the grace period.
+
+Everything it creates (containers, volume, image, bento store) is removed at the end: on success, on
+failure, on Ctrl-C and on SIGTERM. Needs podman or Docker, and python:3.11-slim pullable or already
+present (machines without registry access prepare a local stand-in first: see docs/deployment.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from deploy.build import BuildError, build_bento
+from deploy.container import probes
+from deploy.kustomize import render
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+COMPOSE_FILE = PROJECT_ROOT / "deploy" / "compose" / "compose.yaml"
+BIN = Path(sys.executable).parent
+STATE_DIR = "/var/lib/tabserve"
+# Where a TLS-intercepting proxy's CA lives on Debian hosts; podman mounts it into build steps only, so
+# apt and uv inside the build trust what the host trusts. Harmless where there is no proxy.
+HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+
+
+class SmokeError(RuntimeError):
+    pass
+
+
+@dataclass
+class Timings:
+    steps: list[tuple[str, float]] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        print(f"==> {name}", flush=True)
+        begun = time.monotonic()
+        try:
+            yield
+        finally:
+            self.steps.append((name, time.monotonic() - begun))
+            print(f"    {time.monotonic() - begun:.1f} s", flush=True)
+
+    def report(self) -> str:
+        lines = [f"  {seconds:7.1f} s  {name}" for name, seconds in self.steps]
+        lines.append(f"  {time.monotonic() - self.started:7.1f} s  total")
+        return "\n".join(lines)
+
+
+def run(command: list[str], *, env: dict[str, str] | None = None, timeout: float = 1800) -> str:
+    result = subprocess.run(
+        command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if result.returncode != 0:
+        output = (result.stdout + result.stderr)[-6000:]
+        raise SmokeError(f"{' '.join(command[:4])} ... failed ({result.returncode}):\n{output}")
+    return result.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def store_env(work: Path) -> dict[str, str]:
+    """This process's environment with a throwaway MLflow and BentoML store, nothing else of ours."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("TABSERVE_")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.update(
+        TABSERVE_DATA_DIR=str(work / "data"),
+        BENTOML_HOME=str(work / "bentoml"),
+        OMP_NUM_THREADS="1",
+        BENTOML_DO_NOT_TRACK="true",
+        UV_NATIVE_TLS="1",
+    )
+    return env
+
+
+def compose_service(name: str) -> dict[str, Any]:
+    """A service of the compose file as compose reads it (anchors merged, ${VARIABLES} substituted)."""
+    # --dry-run: podman-compose only parses; no podman needed.
+    config = run([str(BIN / "podman-compose"), "--dry-run", "-f", str(COMPOSE_FILE), "config"])
+    service: dict[str, Any] = yaml.safe_load(config)["services"][name]
+    return service
+
+
+def on_loopback(command: list[str], port: int) -> list[str]:
+    """A compose command with its --host/--port replaced: loopback and a free port (host network)."""
+    result: list[str] = []
+    replace_next: str | None = None
+    for argument in command:
+        if replace_next is not None:
+            result.append(replace_next)
+            replace_next = None
+        elif argument in ("--host", "--port"):
+            result.append(argument)
+            replace_next = "127.0.0.1" if argument == "--host" else str(port)
+        elif argument.startswith(("--host=", "--port=")):
+            flag = argument.split("=", 1)[0]
+            result.append(f"{flag}={'127.0.0.1' if flag == '--host' else port}")
+        else:
+            result.append(argument)
+    return result
+
+
+class Engine:
+    """The container engine's CLI, and everything this run created with it, for the cleanup."""
+
+    def __init__(self, name: str, run_id: str) -> None:
+        self.name = name
+        self.run_id = run_id
+        self.containers: list[str] = []
+        self.volumes: list[str] = []
+        self.images: list[str] = []
+
+    def __call__(self, *args: str, timeout: float = 600) -> str:
+        return run([self.name, *args], timeout=timeout).strip()
+
+    def volume(self) -> str:
+        name = f"tabserve-smoke-{self.run_id}"
+        self("volume", "create", name)
+        self.volumes.append(name)
+        return name
+
+    def start(self, role: str, image: str, options: list[str], command: list[str]) -> str:
+        """A detached container on the host network (the service binds loopback ports we chose)."""
+        name = f"tabserve-smoke-{self.run_id}-{role}"
+        self.containers.append(name)
+        self("run", "-d", "--name", name, "--network", "host", *options, image, *command)
+        return name
+
+    def running(self, container: str) -> bool:
+        try:
+            return self("inspect", "--format", "{{.State.Running}}", container) == "true"
+        except SmokeError:
+            return False
+
+    def logs(self, container: str) -> str:
+        try:
+            return run([self.name, "logs", "--tail", "60", container], timeout=30)
+        except SmokeError as error:
+            return str(error)
+
+    def remove(self, container: str) -> None:
+        """Kill and remove; twice if needed: podman 4.3 fails a removal when the container exits
+        on its own between its stop and its kill ("container state improper")."""
+        for _ in range(2):
+            removal = subprocess.run(
+                [self.name, "rm", "-f", "-t", "0", container], capture_output=True, check=False
+            )
+            if removal.returncode == 0:
+                return
+
+    def cleanup(self) -> None:
+        for container in reversed(self.containers):
+            self.remove(container)
+        for volume in self.volumes:
+            subprocess.run([self.name, "volume", "rm", "-f", volume], capture_output=True, check=False)
+        for image in self.images:
+            subprocess.run([self.name, "rmi", "-f", image], capture_output=True, check=False)
+
+
+def build_image(engine: Engine, work: Path, timings: Timings) -> str:
+    env = store_env(work)
+    with timings.step("train the default model into a throwaway store"):
+        run([str(BIN / "python"), "train.py", "--if-missing"], env=env)
+    with timings.step("locked requirements and bentoml build (as make build)"):
+        try:
+            tag = build_bento(env)
+        except BuildError as error:
+            raise SmokeError(str(error)) from None
+    image = f"localhost/tabserve-smoke:{tag.split(':')[1]}"
+    with timings.step(f"bentoml containerize ({engine.name})"):
+        command = [str(BIN / "bentoml"), "containerize", tag, "--backend", engine.name, "-t", image]
+        if engine.name == "podman" and HOST_CA_BUNDLE.exists():
+            command += ["--opt", f"volume={HOST_CA_BUNDLE}:{HOST_CA_BUNDLE}:ro"]
+        engine.images.append(image)
+        run(command, env=env, timeout=1800)
+    return image
+
+
+def check_image_config(engine: Engine, image: str) -> None:
+    exposed = engine("image", "inspect", "--format", "{{json .Config.ExposedPorts}}", image)
+    user = engine("image", "inspect", "--format", "{{.Config.User}}", image)
+    probes.expect(
+        "3000/tcp" in exposed and "3001/tcp" in exposed, f"image exposes {exposed}, not 3000 and 3001"
+    )
+    probes.expect(user not in ("", "root", "0"), f"image user is {user!r}")
+
+
+def check_not_root(engine: Engine, container: str) -> None:
+    """Every process of the container (the server and its workers) runs as a non-root uid."""
+    uids = engine("exec", container, "sh", "-c", "grep -h '^Uid:' /proc/[0-9]*/status | awk '{print $2}'")
+    found = set(uids.split())
+    probes.expect(bool(found) and "0" not in found, f"process uids in the container: {sorted(found)}")
+    print(f"    process uids: {sorted(found)}")
+
+
+def check_log_on_volume(engine: Engine, container: str, folder: str) -> None:
+    # The log is written by a background thread: give it a moment.
+    deadline = time.monotonic() + 15
+    listing = ""
+    while time.monotonic() < deadline:
+        listing = engine(
+            "exec", container, "sh", "-c", f"ls {folder}/predictions-*.jsonl 2>/dev/null || true"
+        )
+        if listing:
+            return
+        time.sleep(0.5)
+    raise probes.ProbeError(f"no prediction log in {folder} on the volume")
+
+
+def serve(engine: Engine, image: str, volume: str, timings: Timings) -> tuple[str, str]:
+    port, grpc_port = free_port(), free_port()
+    url, target = f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}"
+    options = ["-v", f"{volume}:{STATE_DIR}", "-e", "TABSERVE_GRPC_HOST=127.0.0.1"]
+    options += ["-e", f"TABSERVE_GRPC_PORT={grpc_port}"]
+    container = engine.start("serve", image, options, ["--host", "127.0.0.1", "--port", str(port)])
+    try:
+        with timings.step("service ready (/readyz)"):
+            probes.wait_ready(url, 180, lambda: engine.running(container))
+        with timings.step("HTTP, OIP REST, gRPC, a bad request, /metrics, user, prediction log"):
+            info = probes.model_info(url)
+            record = probes.record_from_schema(info)
+            prediction = probes.check_predict(url, info, record)
+            print(f"    /predict -> {prediction!r} from {info['model']}:{info['version']}")
+            probes.check_bad_request(url, record)
+            probes.check_oip_rest(url, info, record, prediction)
+            probes.check_grpc(target, info, record, prediction)
+            probes.check_metrics(url)
+            check_not_root(engine, container)
+            # Rows for the drift report of step 5.
+            probes.check_predict_batch(url, probes.records_from_schema(info, 60))
+            check_log_on_volume(engine, container, f"{STATE_DIR}/predictions")
+    except Exception:
+        print(engine.logs(container), file=sys.stderr)
+        raise
+    return container, url
+
+
+def serve_like_kubernetes(engine: Engine, image: str, volume: str, timings: Timings) -> None:
+    port, grpc_port = free_port(), free_port()
+    url = f"http://127.0.0.1:{port}"
+    folder = f"{STATE_DIR}/predictions/pod-a"
+    # The settings of deploy/k8s/base/deployment.yaml that differ from a plain `run`.
+    options = ["--read-only", "--tmpfs", "/tmp", "--user", "1034:1034", "-v", f"{volume}:{STATE_DIR}"]
+    options += ["-e", "BENTOML_HOME=/tmp/bentoml", "-e", f"TABSERVE_PREDICTION_LOG_DIR={folder}"]
+    options += ["-e", "TABSERVE_GRPC_HOST=127.0.0.1", "-e", f"TABSERVE_GRPC_PORT={grpc_port}"]
+    container = engine.start("k8s", image, options, ["--host", "127.0.0.1", "--port", str(port)])
+    try:
+        with timings.step("as deploy/k8s runs it: read-only root, /tmp, uid 1034, own log folder"):
+            probes.wait_ready(url, 180, lambda: engine.running(container))
+            info = probes.model_info(url)
+            probes.check_predict(url, info, probes.record_from_schema(info))
+            # Rows for the CronJob's drift report (check_kubernetes_drift_job).
+            probes.check_predict_batch(url, probes.records_from_schema(info, 60))
+            check_log_on_volume(engine, container, folder)
+    except Exception:
+        print(engine.logs(container), file=sys.stderr)
+        raise
+    engine.remove(container)
+
+
+DRIFT_ENVIRONMENT_CHECK = """
+from settings import get_settings
+from models.store import StoredModel
+settings = get_settings()
+model = StoredModel.open(settings.serving_tag)
+rows = len(model.load_reference())
+logs = sorted(settings.log_dir.glob("predictions-*.jsonl*"))
+assert logs, f"no prediction log in {settings.log_dir}"
+print(f"drift job sees {model.tag} ({rows} reference rows) and {len(logs)} log file(s)")
+"""
+# Exit codes of `python -m drift report`: 0 no drift, 1 drift, 2 cannot judge.
+DRIFT_VERDICTS = (0, 1)
+
+
+def check_drift_job(engine: Engine, image: str, volume: str, timings: Timings) -> None:
+    service = compose_service("drift")
+    options = ["--rm", "--network", "none", "-v", f"{volume}:{STATE_DIR}", "-w", service["working_dir"]]
+    for key, value in service["environment"].items():
+        options += ["-e", f"{key}={value}"]
+    with timings.step("drift job (compose service `drift`): environment, then one report"):
+        print("    " + engine("run", *options, image, "python", "-c", DRIFT_ENVIRONMENT_CHECK, timeout=300))
+        # What the schedule runs every hour, once.
+        run_drift_report(engine, [*options, image, "python", "-m", "drift", "report"])
+        latest = engine("run", *options, image, "sh", "-c", f"cat {STATE_DIR}/reports/*/latest.json")
+        probes.expect('"drift_share"' in latest, f"no latest.json on the volume after the report: {latest}")
+
+
+def run_drift_report(engine: Engine, arguments: list[str]) -> None:
+    result = subprocess.run(
+        [engine.name, "run", *arguments], capture_output=True, text=True, timeout=600, check=False
+    )
+    print("\n".join(f"    {line}" for line in result.stdout.strip().splitlines()[-6:]))
+    probes.expect(
+        result.returncode in DRIFT_VERDICTS,
+        f"the drift report exited {result.returncode}:\n{(result.stdout + result.stderr)[-3000:]}",
+    )
+
+
+def kubernetes_drift_job() -> tuple[dict[str, Any], dict[str, str]]:
+    """The CronJob's container in deploy/k8s/base, and its environment with the ConfigMap's values."""
+    resources = render(PROJECT_ROOT / "deploy" / "k8s" / "base")
+    config = next(item for item in resources if item["kind"] == "ConfigMap")["data"]
+    cronjob = next(item for item in resources if item["kind"] == "CronJob")
+    container = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    env = {**config, **{item["name"]: item["value"] for item in container["env"] if "value" in item}}
+    return container, env
+
+
+def check_kubernetes_drift_job(engine: Engine, image: str, volume: str, timings: Timings) -> None:
+    """deploy/k8s's CronJob command, as Kubernetes would run it: it finds every pod's log folder."""
+    container, env = kubernetes_drift_job()
+    options = ["--rm", "--network", "none", "--read-only", "--tmpfs", "/tmp", "--user", "1034:1034"]
+    options += ["-v", f"{volume}:{STATE_DIR}", "-w", container["workingDir"]]
+    for key, value in env.items():
+        options += ["-e", f"{key}={value}"]
+    with timings.step("drift CronJob of deploy/k8s: read-only root, every pod's log folder"):
+        run_drift_report(engine, [*options, image, *container["args"]])
+
+
+def start_compose_tools(engine: Engine, image: str, volume: str) -> dict[str, tuple[str, int]]:
+    """The compose file's mlflow and evidently-ui commands, from the image, on free loopback ports."""
+    started: dict[str, tuple[str, int]] = {}
+    for name in ("mlflow", "evidently-ui"):
+        port = free_port()
+        command = on_loopback(compose_service(name)["command"], port)
+        container = engine.start(name, image, ["-v", f"{volume}:{STATE_DIR}"], command)
+        started[name] = (container, port)
+    return started
+
+
+def check_compose_tools(engine: Engine, started: dict[str, tuple[str, int]], timings: Timings) -> None:
+    with timings.step("compose `mlflow` and `evidently-ui` from the image"):
+        container, port = started["mlflow"]
+        try:
+            probes.wait_http_ok(f"http://127.0.0.1:{port}/health", 180)
+            # Other compose services reach MLflow by its service name; --allowed-hosts must accept it.
+            probes.wait_http_ok(
+                f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1",
+                30,
+                headers={"Host": "mlflow:5000"},
+            )
+        except probes.ProbeError:
+            print(engine.logs(container), file=sys.stderr)
+            raise
+        container, port = started["evidently-ui"]
+        try:
+            probes.wait_http_ok(f"http://127.0.0.1:{port}/api/projects", 180)
+            probes.check_evidently_project(f"http://127.0.0.1:{port}")
+        except probes.ProbeError:
+            print(engine.logs(container), file=sys.stderr)
+            raise
+
+
+def check_graceful_stop(engine: Engine, container: str, timings: Timings) -> None:
+    """SIGTERM, then the time Kubernetes would give the pod (deploy/k8s) before killing it."""
+    deployment = next(
+        item for item in render(PROJECT_ROOT / "deploy" / "k8s" / "base") if item["kind"] == "Deployment"
+    )
+    grace = int(deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"])
+    with timings.step("SIGTERM: the service drains and exits"):
+        begun = time.monotonic()
+        engine("stop", "-t", str(grace), container, timeout=grace + 30)
+        took = time.monotonic() - begun
+        code = engine("inspect", "--format", "{{.State.ExitCode}}", container)
+        probes.expect(code == "0", f"the service exited with {code} after SIGTERM")
+        probes.expect(took < grace, f"the service took {took:.0f} s to stop")
+
+
+def smoke(engine: Engine, timings: Timings) -> None:
+    work = Path(tempfile.mkdtemp(prefix="tabserve-smoke-", dir=os.environ.get("SMOKE_WORK_DIR", "/var/tmp")))
+    try:
+        image = build_image(engine, work, timings)
+        check_image_config(engine, image)
+        volume = engine.volume()
+        container, url = serve(engine, image, volume, timings)
+        # MLflow and the Evidently UI start while the rest runs: on two cores every second counts.
+        tools = start_compose_tools(engine, image, volume)
+        serve_like_kubernetes(engine, image, volume, timings)
+        check_drift_job(engine, image, volume, timings)
+        check_kubernetes_drift_job(engine, image, volume, timings)
+        check_compose_tools(engine, tools, timings)
+        check_drift_gauges(url, timings)
+        check_graceful_stop(engine, container, timings)
+    finally:
+        with timings.step("clean up containers, volume, image, bento store"):
+            engine.cleanup()
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def check_drift_gauges(url: str, timings: Timings) -> None:
+    """The service exports the report the drift job wrote on the shared volume (it re-reads it every 30 s)."""
+    with timings.step("the service exports the drift report's gauges"):
+        deadline = time.monotonic() + 60
+        gauges: list[str] = []
+        while time.monotonic() < deadline:
+            gauges = [line for line in probes.metric_lines(url) if line.startswith("tabserve_drift_share")]
+            if gauges:
+                print(f"    {gauges[0]}")
+                return
+            time.sleep(2)
+        raise probes.ProbeError("no tabserve_drift_share on /metrics 60 s after the drift report")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="Build, run and call the service's container image.")
+    default_engine = "podman" if shutil.which("podman") else "docker"
+    parser.add_argument("--engine", choices=["podman", "docker"], default=default_engine)
+    args = parser.parse_args()
+    if shutil.which(args.engine) is None:
+        print(f"smoke: {args.engine} is not installed", file=sys.stderr)
+        return 2
+
+    # SIGTERM (CI cancelling the job) unwinds like Ctrl-C, so the cleanup in `finally` runs.
+    def terminate(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+    engine = Engine(args.engine, uuid.uuid4().hex[:8])
+    timings = Timings()
+    try:
+        smoke(engine, timings)
+    except (SmokeError, probes.ProbeError) as error:
+        print(f"\nsmoke test FAILED: {error}", file=sys.stderr)
+        print(timings.report(), file=sys.stderr)
+        return 1
+    print(f"\nsmoke test passed\n{timings.report()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

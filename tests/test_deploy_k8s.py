@@ -1,0 +1,226 @@
+"""Kubernetes manifests (deploy/k8s/), offline: every resource of the base and of the rendered production
+overlay validates against the Kubernetes OpenAPI schemas (kubernetes-validate, strict: unknown fields are
+errors), the Python renderer agrees with `kubectl kustomize` where kubectl exists, and the resources fit
+together (probes, ports, users, volumes, selectors, grace period). The image's behaviour under these
+settings (read-only root, uid 1034, the CronJob's command) is checked by the container smoke test."""
+
+from __future__ import annotations
+
+import copy
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from deploy.kustomize import KustomizeError, load_documents, render
+from tests.conftest import PROJECT_ROOT
+
+K8S = PROJECT_ROOT / "deploy" / "k8s"
+BASE = K8S / "base"
+PRODUCTION = K8S / "overlays" / "production"
+# The oldest Kubernetes still maintained upstream when this was written, and the newest the schemas know.
+VERSIONS = ("1.31", kubernetes_validate.latest_version())
+STATE = "/var/lib/tabserve"
+
+
+def base_files() -> list[Path]:
+    kustomization = yaml.safe_load((BASE / "kustomization.yaml").read_text())
+    return [BASE / name for name in kustomization["resources"]]
+
+
+def by_kind(resources: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    [resource] = [resource for resource in resources if resource["kind"] == kind]
+    return resource
+
+
+@pytest.fixture(scope="module")
+def base() -> list[dict[str, Any]]:
+    return render(BASE)
+
+
+@pytest.fixture(scope="module")
+def production() -> list[dict[str, Any]]:
+    return render(PRODUCTION)
+
+
+def pod_spec(resource: dict[str, Any]) -> dict[str, Any]:
+    owner = resource["spec"]["jobTemplate"]["spec"] if resource["kind"] == "CronJob" else resource["spec"]
+    spec: dict[str, Any] = owner["template"]["spec"]
+    return spec
+
+
+def service_grace_seconds() -> int:
+    """How long the service drains after SIGTERM (service.py's GRACE_SECONDS), read without importing it."""
+    match = re.search(r"^GRACE_SECONDS\s*=\s*(\d+)", (PROJECT_ROOT / "service.py").read_text(), re.MULTILINE)
+    assert match, "GRACE_SECONDS is no longer in service.py: point this test at its new home"
+    return int(match.group(1))
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("path", base_files(), ids=lambda path: path.name)
+def test_every_base_manifest_validates(path: Path, version: str) -> None:
+    for resource in load_documents(path):
+        kubernetes_validate.validate(resource, version, strict=True)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_the_rendered_production_overlay_validates(production: list[dict[str, Any]], version: str) -> None:
+    kinds = {resource["kind"] for resource in production}
+    assert kinds >= {"Namespace", "Deployment", "Service", "HorizontalPodAutoscaler", "CronJob", "ConfigMap"}
+    for resource in production:
+        kubernetes_validate.validate(resource, version, strict=True)
+
+
+def test_the_validator_rejects_a_misspelt_field(base: list[dict[str, Any]]) -> None:
+    deployment = copy.deepcopy(by_kind(base, "Deployment"))
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {
+        "httpGet": {"path": "/readyz"}
+    }
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, VERSIONS[-1], strict=True)
+
+
+@pytest.mark.parametrize("directory", [BASE, PRODUCTION], ids=["base", "production"])
+def test_the_renderer_agrees_with_kubectl_kustomize(directory: Path) -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed (no Debian package): the Python renderer alone is checked")
+    output = subprocess.run(
+        [kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    theirs = {(item["kind"], item["metadata"]["name"]): item for item in yaml.safe_load_all(output)}
+    ours = {(item["kind"], item["metadata"]["name"]): item for item in render(directory)}
+    assert ours == theirs
+
+
+def test_the_renderer_refuses_what_it_does_not_know(tmp_path: Path) -> None:
+    (tmp_path / "kustomization.yaml").write_text("resources: []\nconfigMapGenerator:\n  - name: x\n")
+    with pytest.raises(KustomizeError, match="configMapGenerator"):
+        render(tmp_path)
+
+
+def test_the_overlay_sets_namespace_image_and_production_sizes(
+    base: list[dict[str, Any]], production: list[dict[str, Any]]
+) -> None:
+    for resource in production:
+        if resource["kind"] != "Namespace":
+            assert resource["metadata"]["namespace"] == "tabserve", resource["kind"]
+    images = {
+        container["image"]
+        for resource in production
+        if resource["kind"] in ("Deployment", "CronJob")
+        for container in pod_spec(resource)["containers"]
+    }
+    assert images == {"registry.example.com/ml/tabserve:1.0.0"}
+    deployment = by_kind(production, "Deployment")
+    assert deployment["spec"]["replicas"] == 3
+    [container] = pod_spec(deployment)["containers"]
+    assert container["resources"]["requests"] == {"cpu": "1", "memory": "1536Mi"}
+    # A strategic merge: what the patch does not mention is kept.
+    [base_container] = pod_spec(by_kind(base, "Deployment"))["containers"]
+    assert container["readinessProbe"] == base_container["readinessProbe"]
+    assert container["env"] == base_container["env"]
+    assert by_kind(production, "HorizontalPodAutoscaler")["spec"]["minReplicas"] == 3
+    assert by_kind(production, "PersistentVolumeClaim")["spec"]["storageClassName"]
+
+
+def test_the_deployment_probes_bentomls_health_endpoints(base: list[dict[str, Any]]) -> None:
+    [container] = pod_spec(by_kind(base, "Deployment"))["containers"]
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert ports == {"http": 3000, "grpc": 3001}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "http"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert container["startupProbe"]["httpGet"]["path"] == "/livez"
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    assert env["TABSERVE_GRPC_PORT"] == "3001"
+
+
+def test_pods_run_as_the_images_user_on_a_read_only_root(base: list[dict[str, Any]]) -> None:
+    for kind in ("Deployment", "CronJob"):
+        spec = pod_spec(by_kind(base, kind))
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["securityContext"]["runAsUser"] == 1034  # BentoML's `bentoml` user in the image
+        assert spec["securityContext"]["fsGroup"] == 1034
+        [container] = spec["containers"]
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        assert container["securityContext"]["allowPrivilegeEscalation"] is False
+        assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+        mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
+        volumes = {volume["name"]: volume for volume in spec["volumes"]}
+        assert "emptyDir" in volumes[mounts["/tmp"]], f"{kind}: /tmp must be writable"
+        assert volumes[mounts[STATE]]["persistentVolumeClaim"]["claimName"] == "tabserve-data"
+
+
+def test_termination_grace_outlasts_the_services_drain(base: list[dict[str, Any]]) -> None:
+    spec = pod_spec(by_kind(base, "Deployment"))
+    [container] = spec["containers"]
+    pause = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
+    assert spec["terminationGracePeriodSeconds"] > pause + service_grace_seconds()
+
+
+def test_each_pod_logs_predictions_to_its_own_folder(base: list[dict[str, Any]]) -> None:
+    """Log files are named by process id, and PIDs repeat from container to container."""
+    [container] = pod_spec(by_kind(base, "Deployment"))["containers"]
+    env = container["env"]
+    names = [item["name"] for item in env]
+    log_dir = next(item["value"] for item in env if item["name"] == "TABSERVE_PREDICTION_LOG_DIR")
+    assert log_dir == f"{STATE}/predictions/$(POD_NAME)"
+    # Kubernetes expands $(POD_NAME) only if it is defined earlier in the list.
+    assert names.index("POD_NAME") < names.index("TABSERVE_PREDICTION_LOG_DIR")
+    assert next(item for item in env if item["name"] == "POD_NAME")["valueFrom"]["fieldRef"] == {
+        "fieldPath": "metadata.name"
+    }
+
+
+def test_the_service_and_its_selectors_reach_the_pods(base: list[dict[str, Any]]) -> None:
+    deployment = by_kind(base, "Deployment")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    service = by_kind(base, "Service")
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert {(port["port"], port["targetPort"]) for port in service["spec"]["ports"]} == {
+        (3000, "http"),
+        (3001, "grpc"),
+    }
+    assert (
+        by_kind(base, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    )
+    target = by_kind(base, "HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+
+
+def test_the_drift_cronjob_reads_every_pods_log_from_the_bento(base: list[dict[str, Any]]) -> None:
+    cronjob = by_kind(base, "CronJob")
+    [container] = pod_spec(cronjob)["containers"]
+    script = container["args"][-1]
+    assert container["args"][:2] == ["sh", "-c"]
+    assert "python -m drift report" in script
+    assert '"$TABSERVE_PREDICTION_LOG_DIR"/*/predictions-*.jsonl*' in script
+    env = {item["name"]: item["value"] for item in container["env"]}
+    assert env["TABSERVE_PREDICTION_LOG_DIR"] == f"{STATE}/predictions"
+    # Outside `bentoml serve`, the code is found from the bento's source folder and the model through a
+    # BentoML home (writable, in /tmp) that links to the bento's models.
+    assert container["workingDir"] == "/home/bentoml/bento/src"
+    assert env["BENTOML_HOME"].startswith("/tmp/")
+    assert 'ln -sfn /home/bentoml/bento/models "$BENTOML_HOME/models"' in script
+    [rule] = cronjob["spec"]["jobTemplate"]["spec"]["podFailurePolicy"]["rules"]
+    assert rule["onExitCodes"]["values"] == [1, 2]  # drift, cannot judge: answers, not crashes to retry
+
+
+def test_the_drift_report_command_exists() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "drift", "report", "--help"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--file" in result.stdout
