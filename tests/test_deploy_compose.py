@@ -6,8 +6,6 @@ every dashboard query are in test_deploy_dashboard.py."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,24 +14,13 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT, require_tool
 
 COMPOSE_DIR = PROJECT_ROOT / "deploy" / "compose"
 COMPOSE_FILE = COMPOSE_DIR / "compose.yaml"
 PODMAN_COMPOSE = str(Path(sys.executable).parent / "podman-compose")
 STATE = "/var/lib/tabserve"
 OUR_IMAGE = {"tabserve", "drift", "mlflow", "evidently-ui"}
-
-
-def require_tool(name: str) -> str:
-    """A tool from the system's packages: skipped where missing, unless CI says deploy checks must run."""
-    path = shutil.which(name)
-    if path is None:
-        message = f"{name} is not installed (Debian: apt-get install prometheus)"
-        if os.environ.get("DEPLOY_CHECKS_REQUIRED") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,6 @@ so no panel names a metric the service does not export."""
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -23,24 +21,13 @@ from deploy import dashboard
 from deploy.container import probes
 from drift.summary import Summary, write_latest
 from models.store import StoredModel
-from tests.conftest import PROJECT_ROOT, Stores, free_port, start_server, wait_ready
+from tests.conftest import PROJECT_ROOT, Stores, free_port, require_tool, start_server, wait_ready
 
 PROMETHEUS_CONFIG = PROJECT_ROOT / "deploy" / "compose" / "prometheus" / "prometheus.yml"
 SCRAPE_SECONDS = 1
 # Grafana fills $__rate_interval in; here a window of many scrapes, all within the traffic sent.
 RATE_WINDOW = "30s"
 DRIFT_SHARE = 0.25
-
-
-def require_tool(name: str) -> str:
-    """A tool from the system's packages: skipped where missing, unless CI says deploy checks must run."""
-    path = shutil.which(name)
-    if path is None:
-        message = f"{name} is not installed (Debian: apt-get install prometheus)"
-        if os.environ.get("DEPLOY_CHECKS_REQUIRED") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
 
 
 def panels() -> list[dict[str, Any]]:
