@@ -2,9 +2,9 @@
 
 Files: ``<log dir>/predictions-<host>-<pid>.jsonl``, rotated by size (``.1``, ``.2``, ... up to the backup
 count). One file per worker process, so that rotation never races between processes; the host name keeps
-the files of replicas apart on a shared volume (in containers, every replica's worker has the same pid). Writing happens on a
-background thread (QueueHandler -> QueueListener), so a slow disk never blocks a request, and a failing
-disk never fails one: the record is dropped, counted, and a warning is logged once.
+the files of replicas apart on a shared volume (in containers, every replica's worker has the same pid).
+Writing happens on a background thread (QueueHandler -> QueueListener), so a slow disk never blocks a
+request, and a failing disk never fails one: the record is dropped, counted, and a warning is logged once.
 
 A line (keys in this order):
     {"ts": "2026-11-23T10:00:00.123456+00:00", "request_id": "...", "transport": "http",
