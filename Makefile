@@ -9,7 +9,7 @@ export OMP_NUM_THREADS ?= 1
 # Use the system's CA store, so that PyPI works behind a TLS-intercepting proxy too.
 export UV_NATIVE_TLS ?= 1
 
-.PHONY: setup train serve build test lint format clean drift-report simulate drift-bench containerize smoke dashboard
+.PHONY: setup train serve build test lint format clean drift-report simulate drift-bench containerize smoke dashboard loadtest bench bench-quick
 
 setup: .venv/.synced
 
@@ -62,6 +62,24 @@ smoke: setup
 dashboard: setup
 	$(PY) -m deploy.dashboard
 
+# Scenario load test of every transport (locust, headless, loopback): starts `bentoml serve` on free ports,
+# stops after LOADTEST_TIME; reports in loadtests/results/ (locust.html, locust_*.csv); fails on any error.
+LOADTEST_TIME ?= 60s
+LOADTEST_USERS ?= 8
+loadtest: setup
+	$(PY) train.py --if-missing
+	$(PY) -m loadtests.run_locust --run-time $(LOADTEST_TIME) --users $(LOADTEST_USERS)
+
+# tabserve vs FastAPI and MLServer with wrk and h2load (apt-get install wrk nghttp2-client). bench: < 10 min,
+# rewrites BENCHMARKS.md's generated section and BENCHMARKS.json. bench-quick: 32 connections, < 2 min.
+bench: setup
+	$(PY) train.py --if-missing
+	$(PY) -m loadtests.bench
+
+bench-quick: setup
+	$(PY) train.py --if-missing
+	$(PY) -m loadtests.bench --quick
+
 test: setup
 	.venv/bin/pytest
 
@@ -85,4 +103,4 @@ proto: setup
 	grep -q '_descriptor_pool.DescriptorPool().AddSerializedFile(' serving/oip/grpc_predict_v2_pb2.py
 
 clean:
-	rm -rf .venv .tools .pytest_cache .ruff_cache .mypy_cache
+	rm -rf .venv .tools .pytest_cache .ruff_cache .mypy_cache loadtests/.mlserver-venv

@@ -18,10 +18,11 @@ import os
 from http import HTTPStatus
 from typing import Annotated, Any
 
+import aiohttp
 import bentoml
 import numpy as np
 import pandas as pd
-from bentoml.exceptions import BentoMLException
+from bentoml.exceptions import BentoMLException, ServiceUnavailable
 from fastapi import FastAPI
 from pydantic import BaseModel, Field
 
@@ -31,7 +32,7 @@ from models.store import StoredModel
 from serving import oip_rest
 from serving.coalesce import Coalescer
 from serving.dataplane import DataPlane
-from serving.errors import ServingError
+from serving.errors import ServingError, UnavailableError
 from serving.files import predict_file_route
 from serving.metrics import export_latest_drift, serving_metrics
 from serving.oip.grpc_server import GrpcServer, start_grpc_server
@@ -191,14 +192,29 @@ class Tabserve:
         resume()
 
     async def _call_model(self, rows: np.ndarray) -> np.ndarray:
-        # The dependency's client knows its methods only once the service has started.
-        if len(rows) >= settings.max_batch_rows:
-            bulk: np.ndarray = await self.runner.to_async.infer_bulk(rows)
-            return bulk
-        return await self._coalesced(rows)
+        try:
+            if len(rows) >= settings.max_batch_rows:
+                # The dependency's client knows its methods only once the service has started.
+                return await self._call_runner(self.runner.to_async.infer_bulk, rows)
+            return await self._coalesced(rows)
+        except ServiceUnavailable:
+            raise UnavailableError(
+                f"the model service is overloaded: no answer within the batching deadline "
+                f"({settings.max_latency_ms} ms); retry later",
+                "overloaded",
+            ) from None
 
     async def _call_batched(self, rows: np.ndarray) -> np.ndarray:
-        result: np.ndarray = await self.runner.to_async.infer(rows)
+        return await self._call_runner(self.runner.to_async.infer, rows)
+
+    @staticmethod
+    async def _call_runner(method: Any, rows: np.ndarray) -> np.ndarray:
+        # The client pools keep-alive connections that the model service's server may close when idle;
+        # a call that meets such a connection never reached the model, so it is safe to send it again.
+        try:
+            result: np.ndarray = await method(rows)
+        except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
+            result = await method(rows)
         return result
 
     def _begin_drain(self) -> None:

@@ -1,0 +1,293 @@
+"""The load-test harness against the session's real server: the locust smoke run (15 s, fails on any error),
+the load generators and their error accounting, the FastAPI baseline, and the benchmark report."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer
+
+from loadtests import endpoints, generators, proctree, report, rows, run_locust, servers
+from models.store import StoredModel
+from models.training import TrainingOptions
+from tests.conftest import PROJECT_ROOT, Server
+
+SMOKE_SECONDS = 15
+
+
+@pytest.fixture(scope="module")
+def stored(server: Server) -> StoredModel:
+    return StoredModel.open(f"{rows.DEFAULT_MODEL}:latest")
+
+
+@pytest.fixture(scope="module")
+def one_row() -> Any:
+    return rows.held_out().head(1)
+
+
+def test_rows_are_the_held_out_split_of_a_default_training_run() -> None:
+    defaults = TrainingOptions()
+    assert (defaults.seed, defaults.test_size) == (rows.SEED, rows.TEST_SIZE)
+    assert len(rows.held_out()) == 114
+    assert len(rows.tiled(rows.held_out(), 1000)) == 1000
+
+
+def test_grpc_frame_is_flag_length_message() -> None:
+    assert rows.grpc_frame(b"abc") == b"\x00\x00\x00\x00\x03abc"
+
+
+def test_locust_smoke_run_has_no_errors(server: Server, tmp_path: Path) -> None:
+    """CI's load smoke: every task of both users against a real server for 15 s; any failure fails it."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "loadtests.run_locust",
+            "--url",
+            server.url,
+            "--grpc-target",
+            server.grpc_target,
+            "--users",
+            "4",
+            "--run-time",
+            f"{SMOKE_SECONDS}s",
+            "--results",
+            str(tmp_path),
+        ],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=SMOKE_SECONDS + 120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    with (tmp_path / "locust_stats.csv").open() as stats:
+        counts = {
+            row["Name"]: (int(row["Request Count"]), int(row["Failure Count"]))
+            for row in csv.DictReader(stats)
+        }
+    for name in ("/predict", "/predict_batch", "/v2/models/[model]/infer", "ModelInfer"):
+        requests, failures = counts[name]
+        assert requests > 0, name
+        assert failures == 0, name
+    assert (tmp_path / "locust.html").stat().st_size > 0
+
+
+def test_locust_runner_refuses_other_hosts() -> None:
+    with pytest.raises(typer.BadParameter, match="loopback"):
+        run_locust._require_loopback("http://example.com:3000")
+    run_locust._require_loopback("http://127.0.0.1:3000")
+
+
+needs_generators = pytest.mark.skipif(
+    bool(generators.available()),
+    reason=f"load generators not installed: {generators.available()} (apt-get install wrk nghttp2-client)",
+)
+
+
+@needs_generators
+def test_wrk_and_h2load_measure_the_service(
+    server: Server, stored: StoredModel, one_row: Any, tmp_path: Path
+) -> None:
+    expected = stored.predict(one_row).probabilities
+    predict = endpoints.Endpoint(
+        "tabserve",
+        "HTTP /predict",
+        "http",
+        f"{server.url}/predict",
+        rows.predict_body(rows.records(one_row)[0]),
+        1,
+        endpoints.typed_http(["benign", "malignant"]),
+    )
+    infer = endpoints.Endpoint(
+        "tabserve",
+        "OIP gRPC",
+        "grpc",
+        server.grpc_target,
+        rows.model_infer_request(stored.name, rows.matrix(one_row)).SerializeToString(),
+        1,
+        endpoints.oip_grpc("probabilities"),
+    )
+    endpoints.check(predict, expected)
+    answer_bytes = endpoints.check(infer, expected)
+    (tmp_path / "predict.json").write_bytes(predict.wire_body)
+    (tmp_path / "infer.bin").write_bytes(infer.wire_body)
+
+    http = generators.wrk(predict.address, tmp_path / "predict.json", "application/json", 2, 2)
+    for _ in range(2):  # the second run's percentiles must not include the first run's requests
+        grpc = generators.h2load(
+            infer.address, tmp_path / "infer.bin", 2, 1, tmp_path / "log.tsv", answer_bytes
+        )
+    assert len((tmp_path / "log.tsv").read_text().splitlines()) == grpc.requests
+    for measured in (http, grpc):
+        assert measured.requests > 0
+        assert measured.errors == 0
+        assert 0 < measured.p50_ms <= measured.p95_ms <= measured.p99_ms
+        assert measured.generator_cpu_seconds > 0
+
+
+@needs_generators
+def test_h2load_counts_failed_grpc_calls_as_errors(
+    server: Server, stored: StoredModel, one_row: Any, tmp_path: Path
+) -> None:
+    """A failed gRPC call is an HTTP 200 with a grpc-status trailer: it must still count as an error."""
+    good = rows.model_infer_request(stored.name, rows.matrix(one_row)).SerializeToString()
+    infer = endpoints.Endpoint(
+        "tabserve", "OIP gRPC", "grpc", server.grpc_target, good, 1, endpoints.oip_grpc("probabilities")
+    )
+    answer_bytes = endpoints.check(infer, stored.predict(one_row).probabilities)
+    unknown_model = rows.model_infer_request("no_such_model", rows.matrix(one_row)).SerializeToString()
+    (tmp_path / "bad.bin").write_bytes(rows.grpc_frame(unknown_model))
+    measured = generators.h2load(
+        server.grpc_target, tmp_path / "bad.bin", 1, 1, tmp_path / "log.tsv", answer_bytes
+    )
+    assert measured.requests > 0
+    assert measured.errors == measured.requests
+
+
+def test_fastapi_baseline_answers_like_the_pipeline_and_stops_with_its_workers(
+    server: Server, stored: StoredModel, one_row: Any, tmp_path: Path
+) -> None:
+    launch = servers.fastapi_baseline(servers.free_port())
+    with servers.running(launch, tmp_path / "output.txt") as baseline:
+        members = proctree.tree(baseline.pid)
+        assert len(members) >= 3  # uvicorn's supervisor and 2 workers
+        for rows_in in (one_row, rows.tiled(one_row, 3)):
+            records = rows.records(rows_in)
+            route, body = (
+                ("/predict", rows.predict_body(records[0]))
+                if len(records) == 1
+                else ("/predict_batch", rows.predict_batch_body(records))
+            )
+            endpoint = endpoints.Endpoint(
+                "fastapi",
+                f"HTTP {route}",
+                "http",
+                launch.url + route,
+                body,
+                len(records),
+                endpoints.typed_http(["benign", "malignant"]),
+            )
+            endpoints.check(endpoint, stored.predict(rows_in).probabilities)
+    assert not any(proctree.is_running(pid) for pid in members)
+
+
+def test_a_wrong_answer_fails_the_check(server: Server, stored: StoredModel, one_row: Any) -> None:
+    endpoint = endpoints.Endpoint(
+        "tabserve",
+        "HTTP /predict",
+        "http",
+        f"{server.url}/predict",
+        rows.predict_body(rows.records(one_row)[0]),
+        1,
+        endpoints.typed_http(["benign", "malignant"]),
+    )
+    with pytest.raises(endpoints.CheckError, match="differ"):
+        endpoints.check(endpoint, 1 - stored.predict(one_row).probabilities)
+
+
+# ---- the report ------------------------------------------------------------------------------------------
+
+
+def run(
+    system: str, transport: str, rps: float, rows_in: int = 1, p99: float = 20, errors: int = 0
+) -> dict[str, Any]:
+    return {
+        "system": system,
+        "transport": transport,
+        "rows": rows_in,
+        "connections": 32 if rows_in == 1 else 4,
+        "load_average": 1.0,
+        "requests": int(rps * 10),
+        "seconds": 10.0,
+        "rps": rps,
+        "rows_per_second": rps * rows_in,
+        "p50_ms": p99 / 2,
+        "p95_ms": p99 * 0.9,
+        "p99_ms": p99,
+        "errors": errors,
+        "server_cpu_ms_per_request": 1.0,
+        "generator_cpu_percent": 5.0,
+        "failure": None,
+    }
+
+
+def document() -> dict[str, Any]:
+    def system(name: str, runs: list[dict[str, Any]], ready: float) -> dict[str, Any]:
+        return {
+            "name": name,
+            "command": name,
+            "ready_seconds": ready,
+            "peak_rss_mib": 100.0,
+            "runs": runs,
+            "failure": None,
+            "wall_seconds": 60.0,
+        }
+
+    return {
+        "date": "2026-11-23T12:00:00+00:00",
+        "mode": "full",
+        "command": "python -m loadtests.bench",
+        "wall_seconds": 480.0,
+        "machine": {
+            "nproc": 2,
+            "cpu": "AMD EPYC",
+            "memory_gib": 23.5,
+            "os": "Debian",
+            "kernel": "6",
+            "python": "3.11",
+        },
+        "versions": {"bentoml": "1.4.39"},
+        "model": {"tag": "breast_cancer:x", "estimator": "logistic_regression", "features": 30},
+        "plan": {"warmup_seconds": 3, "measure_seconds": 10, "batch_rows": 1000, "batch_connections": 4},
+        "in_process_rows_per_second": {"1": 200.0, "32": 9000.0, "1024": 100_000.0},
+        "systems": [
+            system(
+                "tabserve",
+                [
+                    run("tabserve", "HTTP /predict", 1600),
+                    run("tabserve", "OIP REST", 1400, p99=80),
+                    run("tabserve", "OIP gRPC", 3000, errors=1),
+                    run("tabserve", "OIP gRPC", 70, rows_in=1000),
+                ],
+                ready=4.0,
+            ),
+            system("fastapi", [run("fastapi", "HTTP /predict", 1000)], ready=3.0),
+            system(
+                "mlserver", [run("mlserver", "OIP REST", 1000), run("mlserver", "OIP gRPC", 1500)], ready=9.0
+            ),
+        ],
+    }
+
+
+def test_targets_compare_with_the_named_baselines() -> None:
+    verdicts = {target.name: target.met for target in report.targets(document())}
+    assert verdicts["HTTP /predict vs fastapi HTTP /predict, req/s at 32 connections"] is True  # 1.6x
+    assert verdicts["HTTP /predict vs mlserver OIP REST, req/s at 32 connections"] is True  # 1.6x
+    assert verdicts["OIP REST vs mlserver OIP REST, req/s at 32 connections"] is False  # 1.4x
+    assert verdicts["OIP gRPC vs mlserver OIP gRPC, req/s at 32 connections"] is True  # 2.0x
+    assert verdicts["HTTP /predict: p99 and errors at 32 connections"] is True
+    assert verdicts["OIP REST: p99 and errors at 32 connections"] is False  # p99 80 ms
+    assert verdicts["OIP gRPC: p99 and errors at 32 connections"] is False  # 1 error
+    assert verdicts["OIP gRPC: 1,000-row requests vs in-process (1,024 rows per call)"] is True  # 70%
+    assert verdicts["tabserve: start to ready"] is True
+
+
+def test_markdown_section_is_replaced_and_the_rest_kept(tmp_path: Path) -> None:
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text(
+        f"# Benchmarks\n\n## Training\n\nhand-written\n\n{report.START}\nold\n{report.END}\n\nafter\n"
+    )
+    report.update_markdown(path, document())
+    report.update_markdown(path, document())
+    text = path.read_text()
+    assert text.count(report.START) == 1
+    assert "hand-written" in text
+    assert text.endswith("after\n")
+    assert "old" not in text
+    assert "| tabserve | OIP gRPC | 32 | 3,000 | 2.00x |" in text
