@@ -64,6 +64,8 @@ class Scraped:
 
     def query(self, expr: str) -> list[dict[str, Any]]:
         response = httpx.get(f"{self.prometheus}/api/v1/query", params={"query": expr}, timeout=10)
+        if response.status_code == 503:  # Prometheus refuses queries until its storage is ready
+            return []
         body = response.json()
         assert body["status"] == "success", f"{expr}: {body}"
         result: list[dict[str, Any]] = body["data"]["result"]

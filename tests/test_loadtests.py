@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -155,7 +156,7 @@ def test_fastapi_baseline_answers_like_the_pipeline_and_stops_with_its_workers(
 ) -> None:
     launch = servers.fastapi_baseline(servers.free_port())
     with servers.running(launch, tmp_path / "output.txt") as baseline:
-        members = proctree.tree(baseline.pid)
+        members = [(pid, proctree.start_time(pid)) for pid in proctree.tree(baseline.pid)]
         assert len(members) >= 3  # uvicorn's supervisor and 2 workers
         for rows_in in (one_row, rows.tiled(one_row, 3)):
             records = rows.records(rows_in)
@@ -174,7 +175,14 @@ def test_fastapi_baseline_answers_like_the_pipeline_and_stops_with_its_workers(
                 endpoints.typed_http(["benign", "malignant"]),
             )
             endpoints.check(endpoint, stored.predict(rows_in).probabilities)
-    assert not any(proctree.is_running(pid) for pid in members)
+    deadline = time.monotonic() + 10  # a killed process takes a moment to be gone
+
+    def left() -> list[int]:
+        return [pid for pid, started in members if proctree.is_running(pid, started)]
+
+    while left() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left()
 
 
 def test_a_wrong_answer_fails_the_check(server: Server, stored: StoredModel, one_row: Any) -> None:
