@@ -2,13 +2,13 @@
 
     bentoml serve        # HTTP and OIP REST on :3000 (OpenAPI docs at /docs), OIP gRPC on :3001
 
-Two services, one concern each:
-- `ModelRunner` owns the model and one batchable API; BentoML merges the rows of concurrent calls into
-  one model call (adaptive batching), whichever transport they came from. The API process already merges
-  the rows of its concurrent requests into shared calls (serving/coalesce.py).
 - `Tabserve` owns the transports: BentoML HTTP APIs typed from the stored feature schema, the Open
   Inference Protocol over REST (mounted at /v2) and over gRPC (its own server, started with the service).
-  All of them go through one data plane (serving/dataplane.py).
+  All of them go through one data plane (serving/dataplane.py). By default each of its workers holds the
+  model and merges the rows of concurrent requests into shared model calls (serving/model.py).
+- `ModelRunner`, with `TABSERVE_MODEL_SERVICE=true`: the model in a service of its own, behind one
+  batchable API; BentoML merges the rows of concurrent calls from all API workers into one model call
+  (adaptive batching). One copy of the model, at the price of a hop between processes per call.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from typing import Annotated, Any
 import aiohttp
 import bentoml
 import numpy as np
-import pandas as pd
 from bentoml.exceptions import BentoMLException, ServiceUnavailable
 from fastapi import FastAPI
 from pydantic import BaseModel, Field
@@ -30,11 +29,12 @@ from drift.summary import read_latest
 from models.errors import InputError
 from models.store import StoredModel
 from serving import oip_rest
-from serving.coalesce import Coalescer
+from serving.coalesce import Coalescer, WaitTimeoutError
 from serving.dataplane import DataPlane
 from serving.errors import ServingError, UnavailableError
 from serving.files import predict_file_route
 from serving.metrics import export_latest_drift, serving_metrics
+from serving.model import InProcessModel, RowPredictor
 from serving.oip.grpc_server import GrpcServer, start_grpc_server
 from serving.predlog import PredictionLog
 from serving.rest import HttpLimits, model_info_route
@@ -89,13 +89,8 @@ class ModelRunner:
     bento_model = bentoml.models.BentoModel(champion.tag)
 
     def __init__(self) -> None:
-        self.pipeline = champion.pipeline
-        self.classification = champion.classes is not None
-        self.batch_rows = serving_metrics().batch_rows.labels(model=champion.name)
-        # Unpickle and run the model once, before the first request.
-        warm_up = champion.schema.prepare(champion.load_reference().head(1))
+        self.predictor = RowPredictor(champion)
         self.calls = CallTracker()
-        self._predict(warm_up.to_numpy(dtype=object))
 
     @bentoml.on_startup
     async def outlive_callers(self) -> None:
@@ -122,11 +117,7 @@ class ModelRunner:
 
     def _predict(self, rows: np.ndarray) -> np.ndarray:
         with self.calls.call():
-            self.batch_rows.observe(len(rows))
-            frame = champion.schema.prepare(pd.DataFrame(rows, columns=champion.schema.names))
-            if self.classification:
-                return self.pipeline.predict_proba(frame)
-            return self.pipeline.predict(frame)
+            return self.predictor(rows)
 
 
 def current_plane() -> DataPlane:
@@ -149,10 +140,16 @@ extra_routes = FastAPI(
 )
 
 
-@bentoml.service(name="tabserve", traffic={"timeout": 60})
+@bentoml.service(
+    name="tabserve",
+    workers=settings.api_workers,
+    traffic={"timeout": 60},
+    logging={"access": {"enabled": settings.access_log}},
+)
 @bentoml.asgi_app(extra_routes, path="/")
 class Tabserve:
-    runner = bentoml.depends(ModelRunner)
+    if settings.model_service:
+        runner = bentoml.depends(ModelRunner)
 
     def __init__(self) -> None:
         metrics = serving_metrics()
@@ -162,7 +159,13 @@ class Tabserve:
             settings.prediction_log_backups,
             on_drop=metrics.log_dropped.inc,
         )
-        self._coalesced = Coalescer(self._call_batched, max_rows=settings.max_batch_rows)
+        self.model: InProcessModel | None = None
+        if settings.model_service:
+            self._coalesced = Coalescer(self._call_batched, max_rows=settings.max_batch_rows)
+        else:
+            self.model = InProcessModel(
+                RowPredictor(champion), settings.max_batch_rows, settings.max_latency_ms / 1000
+            )
         self.plane = DataPlane(champion, self._call_model, self.log, metrics)
         self.grpc: GrpcServer | None = None
         self._grpc_stopped: asyncio.Future[None] | None = None
@@ -193,13 +196,15 @@ class Tabserve:
 
     async def _call_model(self, rows: np.ndarray) -> np.ndarray:
         try:
+            if self.model is not None:
+                return await self.model(rows)
             if len(rows) >= settings.max_batch_rows:
                 # The dependency's client knows its methods only once the service has started.
                 return await self._call_runner(self.runner.to_async.infer_bulk, rows)
             return await self._coalesced(rows)
-        except ServiceUnavailable:
+        except (ServiceUnavailable, WaitTimeoutError):
             raise UnavailableError(
-                f"the model service is overloaded: no answer within the batching deadline "
+                f"the model is overloaded: no answer within the batching deadline "
                 f"({settings.max_latency_ms} ms); retry later",
                 "overloaded",
             ) from None
@@ -228,6 +233,8 @@ class Tabserve:
             self._begin_drain()
         if self._grpc_stopped is not None:
             await self._grpc_stopped
+        if self.model is not None:
+            self.model.close()
         self.log.close()
 
     @bentoml.api(route="/predict")

@@ -51,6 +51,21 @@ class Settings(BaseSettings):
     )
     grpc_host: str = Field(default="0.0.0.0", description="Interface the gRPC server binds.")
     grpc_port: int = Field(default=3001, ge=0, le=65535, description="gRPC port (0: no gRPC server).")
+    api_workers: int = Field(
+        default=2,
+        ge=1,
+        description="Worker processes of the API service; each holds the model unless model_service is on.",
+    )
+    model_service: bool = Field(
+        default=False,
+        description="Run the model in its own BentoML service (adaptive batching across all API workers, "
+        "one copy of the model) instead of in each API worker (no hop between processes: faster for "
+        "small models).",
+    )
+    access_log: bool = Field(
+        default=False,
+        description="BentoML's access log line per HTTP request (costs about a tenth of the throughput).",
+    )
     max_batch_rows: int = Field(
         default=1024, ge=1, description="Most rows in one adaptively batched model call."
     )

@@ -1,63 +1,87 @@
-"""Request coalescing in the API process: the rows of concurrent requests travel to the model service in
-one call.
+"""Request coalescing in the API process: the rows of concurrent requests go to the model in one call.
 
-Each call from the API service to the model service costs a few milliseconds of CPU (an HTTP round trip
-and its serialization), about as much as the model itself on a small batch. BentoML's adaptive batching
-merges rows only after that cost is paid, inside the model service. Here requests that arrive while calls
-are in flight wait for the next call and share it: no timer, so a lone request goes at once, and under load
-the batches grow by themselves.
+A model call has a fixed cost (a scikit-learn pipeline on a DataFrame; with a separate model service also
+an HTTP round trip) of a few milliseconds, as much as the model itself on a batch of dozens of rows. Here
+requests that arrive while calls are in flight wait for the next call and share it: no timer, so a lone
+request goes at once, and under load the batches grow by themselves. A request that has waited longer than
+`max_wait_seconds` for its call is refused instead (load shedding): its client has likely given up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import NamedTuple
 
 import numpy as np
 
 ModelCall = Callable[[np.ndarray], Awaitable[np.ndarray]]
 
 
+class Waiting(NamedTuple):
+    rows: np.ndarray
+    future: asyncio.Future[np.ndarray]
+    arrived: float  # time.monotonic()
+
+
+class WaitTimeoutError(Exception):
+    """The request waited longer than the coalescer's `max_wait_seconds` for a model call."""
+
+
 class Coalescer:
-    def __init__(self, call: ModelCall, max_rows: int, max_in_flight: int = 2) -> None:
+    def __init__(
+        self, call: ModelCall, max_rows: int, max_in_flight: int = 2, max_wait_seconds: float | None = None
+    ) -> None:
         self._call = call
         self._max_rows = max_rows
         self._max_in_flight = max_in_flight
+        self._max_wait = max_wait_seconds
         self._in_flight = 0
-        self._waiting: deque[tuple[np.ndarray, asyncio.Future[np.ndarray]]] = deque()
+        self._waiting: deque[Waiting] = deque()  # oldest first
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def __call__(self, rows: np.ndarray) -> np.ndarray:
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        self._waiting.append((rows, future))
+        self._waiting.append(Waiting(rows, future, time.monotonic()))
         self._start_calls()
         return await future
 
     def _start_calls(self) -> None:
+        self._shed_stale()
         while self._waiting and self._in_flight < self._max_in_flight:
             batch = [self._waiting.popleft()]
-            size = len(batch[0][0])
-            while self._waiting and size + len(self._waiting[0][0]) <= self._max_rows:
+            size = len(batch[0].rows)
+            while self._waiting and size + len(self._waiting[0].rows) <= self._max_rows:
                 batch.append(self._waiting.popleft())
-                size += len(batch[-1][0])
+                size += len(batch[-1].rows)
             self._in_flight += 1
             task = asyncio.create_task(self._run(batch))
             self._tasks.add(task)  # a task nobody references may be garbage-collected mid-flight
             task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, batch: list[tuple[np.ndarray, asyncio.Future[np.ndarray]]]) -> None:
+    def _shed_stale(self) -> None:
+        if self._max_wait is None:
+            return
+        deadline = time.monotonic() - self._max_wait
+        while self._waiting and self._waiting[0].arrived < deadline:
+            future = self._waiting.popleft().future
+            if not future.done():
+                future.set_exception(WaitTimeoutError(f"no model call within {self._max_wait:g} s"))
+
+    async def _run(self, batch: list[Waiting]) -> None:
         try:
-            outputs = np.asarray(await self._call(np.concatenate([rows for rows, _ in batch])))
+            outputs = np.asarray(await self._call(np.concatenate([waiting.rows for waiting in batch])))
         except Exception as error:  # every request of the call gets the call's error
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(error)
+            for waiting in batch:
+                if not waiting.future.done():
+                    waiting.future.set_exception(error)
         else:
-            offsets = np.cumsum([len(rows) for rows, _ in batch])[:-1]
-            for (_, future), part in zip(batch, np.split(outputs, offsets), strict=True):
-                if not future.done():  # the request may have been cancelled meanwhile
-                    future.set_result(part)
+            offsets = np.cumsum([len(waiting.rows) for waiting in batch])[:-1]
+            for waiting, part in zip(batch, np.split(outputs, offsets), strict=True):
+                if not waiting.future.done():  # the request may have been cancelled meanwhile
+                    waiting.future.set_result(part)
         finally:
             self._in_flight -= 1
             self._start_calls()

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
+import orjson
 from pydantic import BaseModel
 
 from models.schema import MAX_STORED_CATEGORIES, Feature, FeatureKind, field_names
@@ -59,6 +60,7 @@ class DataPlane:
             "mlflow_run_id": model.labels["mlflow_run_id"],
             "data_digest": model.metadata["dataset_digest"],
         }
+        self._lineage_end = b"," + orjson.dumps(self.lineage)[1:]  # closes a prediction-log line
         self._call_model = call_model
         # Rows are 2-D arrays in schema column order, never DataFrames: building a frame per request costs
         # more than the model call. All-numeric rows are float64 (cheap to send and to log); booleans and
@@ -208,20 +210,7 @@ class DataPlane:
 
     def responses(self, batch: PredictionBatch) -> list[dict[str, Any]]:
         """One JSON-ready answer per row, for the HTTP APIs."""
-        answers = []
-        for row, label in enumerate(batch.labels):
-            probabilities = None
-            if batch.probabilities is not None and batch.classes:
-                probabilities = dict(zip(batch.classes, batch.probabilities[row].tolist(), strict=True))
-            answers.append(
-                {
-                    "prediction": label,
-                    "probabilities": probabilities,
-                    "unknown_categories": batch.unknown_categories[row],
-                    **self.lineage,
-                }
-            )
-        return answers
+        return [{**answer, **self.lineage} for answer in _answers(batch)]
 
     # ---- accounting ---------------------------------------------------------------------------------------
 
@@ -248,19 +237,43 @@ class DataPlane:
             self._metrics.predictions.labels(model=self.name, version=self.version, predicted=label).inc(
                 count
             )
+        # Encoded in pieces: the parts shared by the request's rows once, then per row its features and its
+        # answer (half the cost of one dict per row). Keys in the order predlog.py documents; NaN -> null.
         header = {
             "ts": datetime.now(UTC).isoformat(),
             "request_id": batch.request_id,
             "transport": transport,
             "endpoint": endpoint,
         }
-        names = self.feature_names  # NaN becomes null in the JSON
+        start = orjson.dumps(header)[:-1] + b',"features":'
+        names = self.feature_names
         self._log.write(
             [
-                {**header, "features": dict(zip(names, row, strict=True)), **answer}
-                for row, answer in zip(rows.tolist(), self.responses(batch), strict=True)
+                start
+                + orjson.dumps(dict(zip(names, row, strict=True)))
+                + b","
+                + orjson.dumps(answer)[1:-1]
+                + self._lineage_end
+                for row, answer in zip(rows.tolist(), _answers(batch), strict=True)
             ]
         )
+
+
+def _answers(batch: PredictionBatch) -> list[dict[str, Any]]:
+    """Per row: prediction, probabilities and unknown categories (the answer without the lineage)."""
+    if batch.probabilities is not None and batch.classes:
+        classes = batch.classes
+        probabilities: list[dict[str, float] | None] = [
+            dict(zip(classes, row, strict=True)) for row in batch.probabilities.tolist()
+        ]
+    else:
+        probabilities = [None] * len(batch.labels)
+    return [
+        {"prediction": label, "probabilities": row_probabilities, "unknown_categories": unknown}
+        for label, row_probabilities, unknown in zip(
+            batch.labels, probabilities, batch.unknown_categories, strict=True
+        )
+    ]
 
 
 def _validated_column(feature: Feature, values: Sequence[Any] | np.ndarray, first_row: int) -> np.ndarray:

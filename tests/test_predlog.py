@@ -3,13 +3,20 @@
 import json
 from pathlib import Path
 
+import orjson
+
 from serving.predlog import PredictionLog
 
 
 def test_records_are_json_lines_and_rotate(tmp_path: Path) -> None:
     log = PredictionLog(tmp_path, max_bytes=2_000, backups=3)
     for request in range(100):  # five rows a request; files rotate between requests
-        log.write([{"row": i, "features": {"x": float(i)}} for i in range(request * 5, request * 5 + 5)])
+        log.write(
+            [
+                orjson.dumps({"row": i, "features": {"x": float(i)}})
+                for i in range(request * 5, request * 5 + 5)
+            ]
+        )
     log.close()
     files = sorted(tmp_path.glob("predictions-*.jsonl*"))
     assert len(files) == 4  # the live file and three backups
@@ -26,7 +33,7 @@ def test_unwritable_directory_drops_and_counts_without_raising(tmp_path: Path) -
     counted: list[int] = []
     log = PredictionLog(blocker / "logs", max_bytes=10_000, backups=1, on_drop=counted.append)
     assert not log.enabled
-    log.write([{"row": 1}, {"row": 2}])
+    log.write([b'{"row": 1}', b'{"row": 2}'])
     assert log.dropped == 2
     assert sum(counted) == 2
 
@@ -38,7 +45,7 @@ def test_a_write_that_fails_later_is_counted_not_raised(tmp_path: Path) -> None:
     backup.mkdir()
     (backup / "keep").write_text("x")
     for i in range(20):
-        log.write([{"row": i, "padding": "x" * 100}])
+        log.write([orjson.dumps({"row": i, "padding": "x" * 100})])
     log.close()
     assert log.dropped > 0
     assert log.dropped < 20  # the rows before the first rotation were written

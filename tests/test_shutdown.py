@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 import tritonclient.grpc as triton_grpc
 from tritonclient.utils import InferenceServerException
 
@@ -35,8 +36,9 @@ class Outcome:
     finished: float
 
 
+@pytest.mark.parametrize("model_service", [False, True], ids=["model-in-api-workers", "model-service"])
 def test_sigterm_under_load_loses_no_accepted_request(
-    stores: Stores, default_model: object, tmp_path: Path
+    stores: Stores, default_model: object, tmp_path: Path, model_service: bool
 ) -> None:
     port, grpc_port = free_port(), free_port()
     log_dir = tmp_path / "predictions"
@@ -44,6 +46,7 @@ def test_sigterm_under_load_loses_no_accepted_request(
         TABSERVE_GRPC_HOST="127.0.0.1",
         TABSERVE_GRPC_PORT=str(grpc_port),
         TABSERVE_PREDICTION_LOG_DIR=str(log_dir),
+        TABSERVE_MODEL_SERVICE=str(model_service).lower(),
     )
     output = tmp_path / "server-output.txt"
     process = start_server(env, port, output)

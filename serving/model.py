@@ -1,0 +1,64 @@
+"""The model call: validated rows (schema column order) in, class probabilities or predicted values out.
+
+Where it runs is a setting (`model_service`). By default in each API worker (`InProcessModel`): no hop
+between processes, which on a small tabular model costs more than the model itself. Otherwise in BentoML's
+batchable model service (service.py: `ModelRunner`), one copy of the model behind all API workers. Both
+run `RowPredictor`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from models.store import StoredModel
+from serving.coalesce import Coalescer
+from serving.metrics import serving_metrics
+
+SWITCH_INTERVAL_SECONDS = 0.001
+
+
+class RowPredictor:
+    def __init__(self, model: StoredModel) -> None:
+        self._pipeline = model.pipeline
+        self._schema = model.schema
+        self._classification = model.classes is not None
+        self._batch_rows = serving_metrics().batch_rows.labels(model=model.name)
+        # Unpickle and run the model once, before the first request.
+        self._predict(model.schema.prepare(model.load_reference().head(1)).to_numpy(dtype=object))
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        self._batch_rows.observe(len(rows))
+        return self._predict(rows)
+
+    def _predict(self, rows: np.ndarray) -> np.ndarray:
+        frame = self._schema.frame_of_rows(rows)
+        if self._classification:
+            return np.asarray(self._pipeline.predict_proba(frame))
+        return np.asarray(self._pipeline.predict(frame))
+
+
+class InProcessModel:
+    """The model in the API worker, on a thread of its own so that the event loop goes on decoding requests
+    meanwhile. The requests that arrive during a call share the next one: adaptive batching without a
+    timer (serving/coalesce.py). A request that cannot start within `max_wait_seconds` is refused."""
+
+    def __init__(self, predictor: RowPredictor, max_rows: int, max_wait_seconds: float) -> None:
+        # The model thread and the event loop share the GIL. At Python's default switch interval (5 ms) the
+        # loop waits up to a whole model call to read the next request; at 1 ms, throughput rose ~25% here.
+        sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
+        self._predictor = predictor
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tabserve-model")
+        self._coalesced = Coalescer(self._run, max_rows, max_in_flight=1, max_wait_seconds=max_wait_seconds)
+
+    async def __call__(self, rows: np.ndarray) -> np.ndarray:
+        return await self._coalesced(rows)
+
+    async def _run(self, rows: np.ndarray) -> np.ndarray:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, self._predictor, rows)
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)
