@@ -6,7 +6,7 @@ import asyncio
 
 import numpy as np
 
-from serving.coalesce import Coalescer
+from serving.coalesce import Coalescer, WaitTimeoutError
 
 
 class FakeModel:
@@ -76,3 +76,23 @@ def test_a_failed_call_fails_each_of_its_requests_and_the_next_calls_go_on() -> 
     failed, answer = asyncio.run(run())
     assert all(isinstance(outcome, RuntimeError) for outcome in failed)
     assert answer.shape == (1, 2)
+
+
+def test_requests_that_wait_past_the_deadline_are_shed_and_the_rest_are_answered() -> None:
+    model = FakeModel()  # each call takes 10 ms
+    coalescer = Coalescer(model, max_rows=4, max_in_flight=1, max_wait_seconds=0.025)
+
+    async def run() -> list[object]:
+        return await asyncio.gather(*(coalescer(rows) for rows in requests(40)), return_exceptions=True)
+
+    outcomes = asyncio.run(run())
+    answered = [outcome for outcome in outcomes if isinstance(outcome, np.ndarray)]
+    shed = [outcome for outcome in outcomes if isinstance(outcome, WaitTimeoutError)]
+    assert len(answered) + len(shed) == 40
+    # The first calls (4 rows each, 10 ms) start within the deadline; the requests still queued after it
+    # are refused at once instead of waiting for a model that is too far behind.
+    assert 4 <= len(answered) < 40, model.calls
+    assert shed
+    assert "0.025 s" in str(shed[0])
+    assert [answer[0, 0] for answer in answered] == [float(i) for i in range(len(answered))]
+    assert sum(model.calls) == len(answered)
