@@ -7,8 +7,6 @@ from enum import StrEnum
 from pathlib import Path
 
 import pandas as pd
-from sklearn.datasets import load_breast_cancer
-from sklearn.model_selection import train_test_split
 
 from models.errors import InputError, first_line
 
@@ -42,6 +40,8 @@ class Split:
 
 def load_default() -> Table:
     """scikit-learn's bundled breast-cancer data (ships with the library, so it works offline)."""
+    from sklearn.datasets import load_breast_cancer  # noqa: PLC0415  (see split())
+
     bunch = load_breast_cancer(as_frame=True)
     target = bunch.target.map(dict(enumerate(bunch.target_names))).rename(DEFAULT_TARGET)
     return Table(features=bunch.data, target=target, source=DEFAULT_SOURCE)
@@ -126,6 +126,10 @@ def validate(table: Table, task: Task, test_size: float, cv_folds: int) -> Table
 
 
 def split(table: Table, task: Task, test_size: float, seed: int) -> Split:
+    # Imported here, not at the top: the service imports this module for `Task` alone, and `bentoml serve`
+    # reads the service before it starts the workers, so scikit-learn's import (a second) would delay it.
+    from sklearn.model_selection import train_test_split  # noqa: PLC0415
+
     stratify = table.target if task is Task.CLASSIFICATION else None
     X_train, X_test, y_train, y_test = train_test_split(
         table.features, table.target, test_size=test_size, random_state=seed, stratify=stratify

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from sklearn.pipeline import Pipeline
+
+if TYPE_CHECKING:  # imported by joblib with the model; see split() in models/data.py
+    from sklearn.pipeline import Pipeline
 
 from models.data import Task
 

@@ -13,13 +13,15 @@ import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import bentoml
 import joblib
 import pandas as pd
 from bentoml.exceptions import NotFound
-from sklearn.pipeline import Pipeline
+
+if TYPE_CHECKING:  # imported by joblib with the model; see split() in models/data.py
+    from sklearn.pipeline import Pipeline
 
 from models.data import Task
 from models.errors import InputError

@@ -44,23 +44,26 @@ class _DrainingListener(logging.handlers.QueueListener):
     requests rather than per request (the per-record cost was a tenth of a busy worker). A burst stays
     a small part of a file, so that files still rotate near their size limit."""
 
-    def __init__(self, records: queue.SimpleQueue[logging.LogRecord], handler: _CountingFileHandler) -> None:
+    def __init__(
+        self, records: queue.SimpleQueue[logging.LogRecord | None], handler: _CountingFileHandler
+    ) -> None:
         super().__init__(records, handler)
+        self._records = records
         self._burst_chars = min(MAX_BURST_CHARS, handler.maxBytes // 16)
 
     def dequeue(self, block: bool) -> logging.LogRecord:
-        record: logging.LogRecord = self.queue.get(block)
-        if record is self._sentinel:  # stop() was called
-            return record
+        record = self._records.get(block)
+        if record is None:  # stop() was called: QueueListener's sentinel, passed on to end its thread
+            return record  # type: ignore[return-value]
         messages = [record.getMessage()]
         size = len(messages[0])
         while size < self._burst_chars:
             try:
-                queued = self.queue.get_nowait()
+                queued = self._records.get_nowait()
             except queue.Empty:
                 break
-            if queued is self._sentinel:
-                self.queue.put_nowait(queued)  # stop once this burst is written
+            if queued is None:
+                self._records.put_nowait(queued)  # stop once this burst is written
                 break
             messages.append(queued.getMessage())
             size += len(messages[-1])
@@ -88,7 +91,7 @@ class PredictionLog:
         except OSError as exc:
             self._warn(f"prediction log disabled, records will be dropped and counted: {exc}")
             return
-        records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+        records: queue.SimpleQueue[logging.LogRecord | None] = queue.SimpleQueue()
         self._logger.addHandler(logging.handlers.QueueHandler(records))
         self._listener = _DrainingListener(records, handler)
         self._listener.start()
