@@ -68,6 +68,7 @@ class DataPlane:
         numeric_only = all(f.kind is FeatureKind.NUMERIC for f in model.schema.features)
         self._row_dtype: type = np.float64 if numeric_only else object
         self._record_fields = field_names(self.feature_names)
+        self._required_columns = [i for i, f in enumerate(model.schema.features) if not f.nullable]
         self._log = log
         self._metrics = metrics
         self._draining = False
@@ -150,6 +151,14 @@ class DataPlane:
     ) -> np.ndarray:
         """Columns decoded from tensors or a file, validated against the same schema rules as records.
         Errors name the first bad row, counted from 1 + `first_row` (where a chunk of a file starts)."""
+        if self._row_dtype is np.float64:
+            # All-numeric schema: check the whole matrix at once; only a bad value takes the per-column path
+            # below, which names it.
+            arrays = [np.asarray(columns[name]) for name in self.feature_names]
+            if all(array.dtype.kind in "fiu" for array in arrays):
+                matrix = np.column_stack(arrays).astype(np.float64, copy=False)
+                if not np.isinf(matrix).any() and not np.isnan(matrix[:, self._required_columns]).any():
+                    return matrix
         validated = [_validated_column(f, columns[f.name], first_row) for f in self.schema.features]
         return np.column_stack(validated).astype(self._row_dtype, copy=False)
 
