@@ -14,6 +14,7 @@ followed by that many bytes.
 
 from __future__ import annotations
 
+import itertools
 import math
 import struct
 from collections.abc import Sequence
@@ -387,7 +388,11 @@ def _from_json(name: str, datatype: str, shape: list[int], data: object) -> list
 def _flatten(data: list[Any]) -> list[Any]:
     if not any(isinstance(item, list) for item in data):
         return data
-    flat: list[Any] = []
+    if all(type(item) is list for item in data):  # the usual [rows, columns]: flattened in C
+        flat = list(itertools.chain.from_iterable(data))
+        if list not in set(map(type, flat)):
+            return flat
+    flat = []
     # Iterative: JSON nesting can be deeper than Python's recursion limit.
     stack = [iter(data)]
     while stack:
@@ -402,7 +407,10 @@ def _flatten(data: list[Any]) -> list[Any]:
 
 
 def _check_kinds(name: str, datatype: str, values: list[Any], kinds: tuple[type, ...], expected: str) -> None:
-    # Exact types: bool is an int subclass, and True is no number here.
+    # Exact types: bool is an int subclass, and True is no number here. The set of types is found in C;
+    # only a wrong one takes the loop that names its position.
+    if set(map(type, values)) <= set(kinds):
+        return
     for index, value in enumerate(values):
         if type(value) not in kinds:
             raise BadInputError(
