@@ -9,7 +9,7 @@ export OMP_NUM_THREADS ?= 1
 # Use the system's CA store, so that PyPI works behind a TLS-intercepting proxy too.
 export UV_NATIVE_TLS ?= 1
 
-.PHONY: setup train serve build test lint format clean drift-report simulate drift-bench containerize smoke dashboard loadtest bench bench-quick
+.PHONY: setup train serve build test lint format clean drift-report simulate drift-bench containerize smoke dashboard loadtest bench bench-quick profile
 
 setup: .venv/.synced
 
@@ -79,6 +79,13 @@ bench: setup
 bench-quick: setup
 	$(PY) train.py --if-missing
 	$(PY) -m loadtests.bench --quick
+
+# Where the workers' CPU goes under load (py-spy): TRANSPORT=http|oip-rest|grpc, ROWS=1|1000.
+TRANSPORT ?= grpc
+ROWS ?= 1
+profile: setup
+	$(PY) train.py --if-missing
+	$(PY) -m loadtests.profile $(TRANSPORT) --rows $(ROWS) --connections $(if $(filter 1,$(ROWS)),32,4)
 
 test: setup
 	.venv/bin/pytest

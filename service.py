@@ -88,9 +88,6 @@ DRIFT_REFRESH_SECONDS = 30
     name="tabserve-model", workers=1, runner_connection=RUNNER_CONNECTION, traffic={"timeout": 60}
 )
 class ModelRunner:
-    # Declared so that `bentoml build` packs exactly this model version into the bento.
-    bento_model = bentoml.models.BentoModel(champion.tag)
-
     def __init__(self) -> None:
         self.predictor = RowPredictor(champion)
         self.calls = CallTracker()
@@ -151,6 +148,9 @@ extra_routes = FastAPI(
 )
 @bentoml.asgi_app(extra_routes, path="/")
 class Tabserve:
+    # Declared so that `bentoml build` packs exactly this model version into the bento (whichever service
+    # runs it: the one service that is always built declares it).
+    bento_model = bentoml.models.BentoModel(champion.tag)
     if settings.model_service:
         runner = bentoml.depends(ModelRunner)
 

@@ -121,7 +121,7 @@ def traffic_row(builder: dashboard_builders.Dashboard) -> dashboard_builders.Das
         .with_panel(
             over_time(
                 "Requests in progress (BentoML)",
-                "Requests being handled now, per BentoML service (tabserve; tabserve-model with TABSERVE_MODEL_SERVICE).",
+                "Requests being handled now, per BentoML service (tabserve-model: TABSERVE_MODEL_SERVICE).",
                 "short",
                 query("sum by (runner_name) (bentoml_service_request_in_progress)", "{{runner_name}}"),
             )

@@ -16,7 +16,7 @@ import typer
 from loadtests import endpoints, generators, proctree, report, rows, run_locust, servers
 from models.store import StoredModel
 from models.training import TrainingOptions
-from tests.conftest import PROJECT_ROOT, Server
+from tests.conftest import PROJECT_ROOT, Server, Stores
 
 SMOKE_SECONDS = 15
 
@@ -299,3 +299,21 @@ def test_markdown_section_is_replaced_and_the_rest_kept(tmp_path: Path) -> None:
     assert text.endswith("after\n")
     assert "old" not in text
     assert "| tabserve | OIP gRPC | 32 | 3,000 | 2.00x |" in text
+
+
+@needs_generators
+def test_profile_samples_the_workers_under_load(stores: Stores, default_model: object) -> None:
+    """`make profile`: a real server under h2load, sampled by py-spy; the data plane is in the samples."""
+    result = subprocess.run(
+        [sys.executable, "-m", "loadtests.profile", "grpc", "--connections", "4", "--seconds", "2"],
+        cwd=PROJECT_ROOT,
+        env={**stores.env(), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "0 errors" in result.stdout
+    assert "samples holding the GIL" in result.stdout
+    assert "DataPlane.predict_rows (serving/dataplane.py" in result.stdout
