@@ -30,7 +30,16 @@ from settings import get_settings
 RESULTS = Path(__file__).resolve().parent / "results"
 WARMUP_SECONDS = 3
 # Frames of the process's own main loop and of idle threads: in every sample, they say nothing.
-ALWAYS_THERE = ("threading.py", "runpy", "click/core.py", "uvicorn/server.py", "uvicorn/_compat.py")
+ALWAYS_THERE = (
+    "threading.py",
+    "runpy",
+    "click/core.py",
+    "uvicorn/server.py",
+    "uvicorn/_compat.py",
+    "asyncio/runners.py",
+    "_bentoml_impl/worker/service.py",
+    "concurrent/futures/thread.py",
+)
 
 
 def main(

@@ -209,12 +209,13 @@ def render(document: dict[str, Any]) -> str:
 METHOD = """### How these figures are taken
 
 - One system at a time on free loopback ports, the others stopped; every server process runs with
-  `OMP_NUM_THREADS=1`. tabserve: `bentoml serve service:Tabserve` as configured (1 API worker, 1 model
-  worker with adaptive batching, prediction log on). FastAPI: `loadtests/baselines/fastapi_app.py`, 2
-  uvicorn workers, one `predict_proba` per request. MLServer: its scikit-learn runtime with adaptive
-  batching (64 requests, 10 ms), 1 inference worker (its default); the exported pipeline starts with a
-  step that names the columns of the [rows, features] array (the pipeline selects columns by name), so
-  MLServer takes its fastest request, one FP64 tensor, and answers `predict_proba`.
+  `OMP_NUM_THREADS=1`. tabserve: `bentoml serve service:Tabserve` with its defaults (2 API workers, each
+  holding the model and batching the rows of concurrent requests; prediction log on). FastAPI:
+  `loadtests/baselines/fastapi_app.py`, 2 uvicorn workers, one `predict_proba` per request. MLServer: its
+  scikit-learn runtime with adaptive batching (64 requests, 10 ms), 1 inference worker (its default); the
+  exported pipeline starts with a step that names the columns of the [rows, features] array (the pipeline
+  selects columns by name), so MLServer takes its fastest request, one FP64 tensor, and answers
+  `predict_proba`.
 - Requests: typed HTTP gets the record as JSON keyed by feature names; OIP REST one JSON FP64 tensor
   [rows, 30]; OIP gRPC one FP64 tensor, in `raw_input_contents` for tabserve (what tritonclient sends),
   in typed `fp64_contents` for MLServer (its faster of the two here).

@@ -289,7 +289,7 @@ def test_targets_compare_with_the_named_baselines() -> None:
 def test_markdown_section_is_replaced_and_the_rest_kept(tmp_path: Path) -> None:
     path = tmp_path / "BENCHMARKS.md"
     path.write_text(
-        f"# Benchmarks\n\n## Training\n\nhand-written\n\n{report.START}\nold\n{report.END}\n\nafter\n"
+        f"# Benchmarks\n\n## Training\n\nhand-written\n\n{report.START}\nstale\n{report.END}\n\nafter\n"
     )
     report.update_markdown(path, document())
     report.update_markdown(path, document())
@@ -297,7 +297,7 @@ def test_markdown_section_is_replaced_and_the_rest_kept(tmp_path: Path) -> None:
     assert text.count(report.START) == 1
     assert "hand-written" in text
     assert text.endswith("after\n")
-    assert "old" not in text
+    assert "stale" not in text
     assert "| tabserve | OIP gRPC | 32 | 3,000 | 2.00x |" in text
 
 
