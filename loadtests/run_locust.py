@@ -54,8 +54,8 @@ def main(
             _require_loopback(f"grpc://{grpc_target}")
         code = run_locust(url, grpc_target, users, run_time, seconds, tags or [], model, results)
         raise typer.Exit(code)
-    with tempfile.TemporaryDirectory(prefix="tabserve-loadtest-") as log_dir:
-        launch = servers.tabserve(servers.free_port(), servers.free_port(), Path(log_dir))
+    with tempfile.TemporaryDirectory(prefix="tabserve-loadtest-") as workdir:
+        launch = servers.tabserve(servers.free_port(), servers.free_port(), Path(workdir) / "predictions")
         output = results / "server-output.txt"
         typer.echo(f"starting `bentoml serve` on {launch.url} (output: {output})")
         with servers.running(launch, output) as server:

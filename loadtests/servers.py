@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 
 from loadtests import proctree
+from settings import get_settings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -66,6 +67,7 @@ def server_env(**overrides: str) -> dict[str, str]:
 
 
 def tabserve(http_port: int, grpc_port: int, log_dir: Path, **env: str) -> Launch:
+    """`bentoml serve` with the prediction log in `log_dir` and a BentoML home of its own beside it."""
     return Launch(
         name="tabserve",
         command=[
@@ -83,6 +85,7 @@ def tabserve(http_port: int, grpc_port: int, log_dir: Path, **env: str) -> Launc
             TABSERVE_PREDICTION_LOG_DIR=str(log_dir),
             TABSERVE_PREDICTION_LOG_MAX_BYTES=str(LOG_MAX_BYTES),
             TABSERVE_PREDICTION_LOG_BACKUPS=str(LOG_BACKUPS),
+            BENTOML_HOME=str(_home_sharing_the_models(log_dir.parent / "bentoml-home")),
             **env,
         ),
         cwd=PROJECT_ROOT,
@@ -90,6 +93,17 @@ def tabserve(http_port: int, grpc_port: int, log_dir: Path, **env: str) -> Launc
         ready_path="/readyz",
         grpc_target=f"{LOOPBACK}:{grpc_port}",
     )
+
+
+def _home_sharing_the_models(home: Path) -> Path:
+    """A BentoML home whose model store is the configured one. `bentoml serve` empties the Prometheus folder
+    of its home when it starts, which would wipe the metrics of any other server on the same home (a running
+    `make serve`, the tests' server)."""
+    models = home / "models"
+    if not models.exists():
+        home.mkdir(parents=True, exist_ok=True)
+        models.symlink_to(get_settings().bentoml_home.resolve() / "models", target_is_directory=True)
+    return home
 
 
 def fastapi_baseline(port: int, **env: str) -> Launch:

@@ -303,7 +303,7 @@ def test_markdown_section_is_replaced_and_the_rest_kept(tmp_path: Path) -> None:
 
 @needs_generators
 def test_profile_samples_the_workers_under_load(stores: Stores, default_model: object) -> None:
-    """`make profile`: a real server under h2load, sampled by py-spy; the data plane is in the samples."""
+    """`make profile`: a real server under h2load, sampled by py-spy; the model call is in the samples."""
     result = subprocess.run(
         [sys.executable, "-m", "loadtests.profile", "grpc", "--connections", "4", "--seconds", "2"],
         cwd=PROJECT_ROOT,
@@ -316,4 +316,4 @@ def test_profile_samples_the_workers_under_load(stores: Stores, default_model: o
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "0 errors" in result.stdout
     assert "samples holding the GIL" in result.stdout
-    assert "DataPlane.predict_rows (serving/dataplane.py" in result.stdout
+    assert "RowPredictor.__call__ (serving/model.py" in result.stdout  # the largest share, always shown
