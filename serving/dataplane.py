@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,24 @@ class PredictionBatch:
     probabilities: np.ndarray | None  # (rows, classes), in the order of `classes`
     classes: list[str] | None
     unknown_categories: list[dict[str, str]]  # per row: feature -> value never seen in training
+
+    @cached_property
+    def answers(self) -> list[dict[str, Any]]:
+        """Per row: prediction, probabilities and unknown categories (the answer without the lineage).
+        Made once, for the prediction log and for the HTTP answers alike."""
+        if self.probabilities is not None and self.classes:
+            classes = self.classes
+            probabilities: list[dict[str, float] | None] = [
+                dict(zip(classes, row, strict=True)) for row in self.probabilities.tolist()
+            ]
+        else:
+            probabilities = [None] * len(self.labels)
+        return [
+            {"prediction": label, "probabilities": row_probabilities, "unknown_categories": unknown}
+            for label, row_probabilities, unknown in zip(
+                self.labels, probabilities, self.unknown_categories, strict=True
+            )
+        ]
 
 
 class DataPlane:
@@ -221,7 +240,7 @@ class DataPlane:
 
     def responses(self, batch: PredictionBatch) -> list[dict[str, Any]]:
         """One JSON-ready answer per row, for the HTTP APIs."""
-        return [{**answer, **self.lineage} for answer in _answers(batch)]
+        return [{**answer, **self.lineage} for answer in batch.answers]
 
     # ---- accounting ---------------------------------------------------------------------------------------
 
@@ -265,26 +284,9 @@ class DataPlane:
                 + b","
                 + orjson.dumps(answer)[1:-1]
                 + self._lineage_end
-                for row, answer in zip(rows.tolist(), _answers(batch), strict=True)
+                for row, answer in zip(rows.tolist(), batch.answers, strict=True)
             ]
         )
-
-
-def _answers(batch: PredictionBatch) -> list[dict[str, Any]]:
-    """Per row: prediction, probabilities and unknown categories (the answer without the lineage)."""
-    if batch.probabilities is not None and batch.classes:
-        classes = batch.classes
-        probabilities: list[dict[str, float] | None] = [
-            dict(zip(classes, row, strict=True)) for row in batch.probabilities.tolist()
-        ]
-    else:
-        probabilities = [None] * len(batch.labels)
-    return [
-        {"prediction": label, "probabilities": row_probabilities, "unknown_categories": unknown}
-        for label, row_probabilities, unknown in zip(
-            batch.labels, probabilities, batch.unknown_categories, strict=True
-        )
-    ]
 
 
 def _validated_column(feature: Feature, values: Sequence[Any] | np.ndarray, first_row: int) -> np.ndarray:

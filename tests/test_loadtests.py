@@ -13,12 +13,13 @@ from typing import Any
 import pytest
 import typer
 
-from loadtests import endpoints, generators, proctree, report, rows, run_locust, servers
+from loadtests import bench, endpoints, generators, proctree, report, rows, run_locust, servers
 from models.store import StoredModel
 from models.training import TrainingOptions
 from tests.conftest import PROJECT_ROOT, Server, Stores
 
 SMOKE_SECONDS = 15
+CLASSES = ["benign", "malignant"]  # of the default model
 
 
 @pytest.fixture(scope="module")
@@ -96,24 +97,8 @@ def test_wrk_and_h2load_measure_the_service(
     server: Server, stored: StoredModel, one_row: Any, tmp_path: Path
 ) -> None:
     expected = stored.predict(one_row).probabilities
-    predict = endpoints.Endpoint(
-        "tabserve",
-        "HTTP /predict",
-        "http",
-        f"{server.url}/predict",
-        rows.predict_body(rows.records(one_row)[0]),
-        1,
-        endpoints.typed_http(["benign", "malignant"]),
-    )
-    infer = endpoints.Endpoint(
-        "tabserve",
-        "OIP gRPC",
-        "grpc",
-        server.grpc_target,
-        rows.model_infer_request(stored.name, rows.matrix(one_row)).SerializeToString(),
-        1,
-        endpoints.oip_grpc("probabilities"),
-    )
+    predict = bench.http_predict("tabserve", server.url, one_row, CLASSES)
+    infer = bench.oip_grpc("tabserve", server.grpc_target, stored.name, one_row, "probabilities", raw=True)
     endpoints.check(predict, expected)
     answer_bytes = endpoints.check(infer, expected)
     (tmp_path / "predict.json").write_bytes(predict.wire_body)
@@ -186,15 +171,7 @@ def test_fastapi_baseline_answers_like_the_pipeline_and_stops_with_its_workers(
 
 
 def test_a_wrong_answer_fails_the_check(server: Server, stored: StoredModel, one_row: Any) -> None:
-    endpoint = endpoints.Endpoint(
-        "tabserve",
-        "HTTP /predict",
-        "http",
-        f"{server.url}/predict",
-        rows.predict_body(rows.records(one_row)[0]),
-        1,
-        endpoints.typed_http(["benign", "malignant"]),
-    )
+    endpoint = bench.http_predict("tabserve", server.url, one_row, CLASSES)
     with pytest.raises(endpoints.CheckError, match="differ"):
         endpoints.check(endpoint, 1 - stored.predict(one_row).probabilities)
 
