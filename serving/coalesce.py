@@ -5,6 +5,11 @@ an HTTP round trip) of a few milliseconds, as much as the model itself on a batc
 requests that arrive while calls are in flight wait for the next call and share it: no timer, so a lone
 request goes at once, and under load the batches grow by themselves. A request that has waited longer than
 `max_wait_seconds` for its call is refused instead (load shedding): its client has likely given up.
+
+One request's rows must never fail another request: when a shared call fails, each of its requests is tried
+again alone, so that each gets its own answer or its own error. Errors that say nothing about the rows (an
+overloaded or unreachable model, `shared_errors`) go to every request of the call without retries, which
+would only add load.
 """
 
 from __future__ import annotations
@@ -32,9 +37,15 @@ class WaitTimeoutError(Exception):
 
 class Coalescer:
     def __init__(
-        self, call: ModelCall, max_rows: int, max_in_flight: int = 2, max_wait_seconds: float | None = None
+        self,
+        call: ModelCall,
+        max_rows: int,
+        max_in_flight: int = 2,
+        max_wait_seconds: float | None = None,
+        shared_errors: tuple[type[Exception], ...] = (),
     ) -> None:
         self._call = call
+        self._shared_errors = shared_errors
         self._max_rows = max_rows
         self._max_in_flight = max_in_flight
         self._max_wait = max_wait_seconds
@@ -72,16 +83,27 @@ class Coalescer:
 
     async def _run(self, batch: list[Waiting]) -> None:
         try:
-            outputs = np.asarray(await self._call(np.concatenate([waiting.rows for waiting in batch])))
-        except Exception as error:  # every request of the call gets the call's error
-            for waiting in batch:
-                if not waiting.future.done():
-                    waiting.future.set_exception(error)
-        else:
-            offsets = np.cumsum([len(waiting.rows) for waiting in batch])[:-1]
-            for waiting, part in zip(batch, np.split(outputs, offsets), strict=True):
-                if not waiting.future.done():  # the request may have been cancelled meanwhile
-                    waiting.future.set_result(part)
+            await self._answer(batch)
         finally:
             self._in_flight -= 1
             self._start_calls()
+
+    async def _answer(self, batch: list[Waiting]) -> None:
+        batch = [waiting for waiting in batch if not waiting.future.done()]  # cancelled meanwhile
+        if not batch:
+            return
+        try:
+            outputs = np.asarray(await self._call(np.concatenate([waiting.rows for waiting in batch])))
+        except Exception as error:
+            if len(batch) == 1 or isinstance(error, self._shared_errors):
+                for waiting in batch:
+                    if not waiting.future.done():
+                        waiting.future.set_exception(error)
+                return
+            for waiting in batch:  # find the request whose rows failed the call
+                await self._answer([waiting])
+            return
+        offsets = np.cumsum([len(waiting.rows) for waiting in batch])[:-1]
+        for waiting, part in zip(batch, np.split(outputs, offsets), strict=True):
+            if not waiting.future.done():  # the request may have been cancelled meanwhile
+                waiting.future.set_result(part)

@@ -64,18 +64,48 @@ def test_a_lone_request_is_sent_at_once_and_multi_row_requests_stay_whole() -> N
     assert all(size <= 10 for size in model.calls)
 
 
-def test_a_failed_call_fails_each_of_its_requests_and_the_next_calls_go_on() -> None:
+def test_a_shared_error_fails_each_request_of_the_call_without_retries_and_the_next_calls_go_on() -> None:
     model = FakeModel(fail=True)
-    coalescer = Coalescer(model, max_rows=64)
+    coalescer = Coalescer(model, max_rows=64, shared_errors=(RuntimeError,))
 
     async def run() -> tuple[list[object], np.ndarray]:
         failed = await asyncio.gather(*(coalescer(rows) for rows in requests(20)), return_exceptions=True)
+        calls = len(model.calls)
         model.fail = False
-        return failed, await coalescer(requests(1)[0])
+        return [*failed, calls], await coalescer(requests(1)[0])
 
-    failed, answer = asyncio.run(run())
+    [*failed, calls], answer = asyncio.run(run())
     assert all(isinstance(outcome, RuntimeError) for outcome in failed)
+    assert calls < 20, model.calls  # merged calls, none retried alone: retries would add to an overload
     assert answer.shape == (1, 2)
+
+
+class PoisonedModel(FakeModel):
+    """Fails every call that holds a row whose first feature is POISON, as scikit-learn fails a whole call
+    on one row it cannot take."""
+
+    POISON = 13.0
+
+    async def __call__(self, rows: np.ndarray) -> np.ndarray:
+        outputs = await super().__call__(rows)
+        if (rows[:, 0] == self.POISON).any():
+            raise ValueError("Input X contains infinity or a value too large for dtype('float64')")
+        return outputs
+
+
+def test_one_requests_bad_rows_fail_only_that_request_in_a_shared_call() -> None:
+    model = PoisonedModel()
+    coalescer = Coalescer(model, max_rows=64, max_in_flight=1)
+
+    async def run() -> list[object]:
+        return await asyncio.gather(*(coalescer(rows) for rows in requests(40)), return_exceptions=True)
+
+    outcomes = asyncio.run(run())
+    assert isinstance(outcomes[13], ValueError)
+    answered = [outcome for i, outcome in enumerate(outcomes) if i != 13]
+    assert all(isinstance(outcome, np.ndarray) for outcome in answered), outcomes
+    assert [answer[0, 0] for answer in answered] == [float(i) for i in range(40) if i != 13]  # type: ignore[index]
+    assert max(model.calls) > 1  # the poisoned request did share a call with others
 
 
 def test_requests_that_wait_past_the_deadline_are_shed_and_the_rest_are_answered() -> None:
