@@ -38,7 +38,7 @@ from serving.errors import ServingError, UnavailableError
 from serving.files import predict_file_route
 from serving.metrics import export_latest_drift, serving_metrics
 from serving.model import InProcessModel, RowPredictor
-from serving.oip.grpc_server import GrpcServer, start_grpc_server
+from serving.oip.grpc_server import GrpcServer, check_port_free, start_grpc_server
 from serving.predlog import PredictionLog
 from serving.rest import HttpLimits, model_info_route
 from serving.shutdown import CallTracker, Resume, intercept_sigterm
@@ -164,7 +164,11 @@ class Tabserve:
         )
         self.model: InProcessModel | None = None
         if settings.model_service:
-            self._coalesced = Coalescer(self._call_batched, max_rows=settings.max_batch_rows)
+            self._coalesced = Coalescer(
+                self._call_batched,
+                max_rows=settings.max_batch_rows,
+                shared_errors=(ServiceUnavailable, aiohttp.ClientError),
+            )
         else:
             self.model = InProcessModel(
                 RowPredictor(champion), settings.max_batch_rows, settings.max_latency_ms / 1000
@@ -172,6 +176,13 @@ class Tabserve:
         self.plane = DataPlane(champion, self._call_model, self.log, metrics)
         self.grpc: GrpcServer | None = None
         self._grpc_stopped: asyncio.Future[None] | None = None
+
+    @bentoml.on_deployment
+    def check_grpc_port() -> None:
+        # Once, in `bentoml serve`'s main process, before any worker starts: the workers share the gRPC
+        # port through SO_REUSEPORT, which would also let a second server join it silently.
+        if settings.grpc_port:
+            check_port_free(settings.grpc_host, settings.grpc_port)
 
     @bentoml.on_startup
     async def freeze_startup_objects(self) -> None:

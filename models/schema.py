@@ -37,6 +37,10 @@ class Feature(BaseModel):
     nullable: bool = Field(description="the column had missing values at training time")
     minimum: float | None = None
     maximum: float | None = None
+    limit: float | None = Field(
+        default=None,
+        description="largest magnitude the fitted model takes (models/limits.py); None: not measured",
+    )
     categories: list[str] = Field(default_factory=list, description="categories seen, most frequent first")
 
 
@@ -51,6 +55,17 @@ class FeatureSchema(BaseModel):
 
     def names_of(self, kind: FeatureKind) -> list[str]:
         return [feature.name for feature in self.features if feature.kind is kind]
+
+    def with_limits(self, limits: dict[str, float]) -> FeatureSchema:
+        """The schema with each numeric feature's largest accepted magnitude (models/limits.py)."""
+        return FeatureSchema(
+            features=[
+                feature.model_copy(update={"limit": limits[feature.name]})
+                if feature.name in limits
+                else feature
+                for feature in self.features
+            ]
+        )
 
     @classmethod
     def infer(cls, frame: pd.DataFrame) -> FeatureSchema:
@@ -92,7 +107,8 @@ class FeatureSchema(BaseModel):
 
     def request_model(self, title: str = "Features") -> type[BaseModel]:
         """A pydantic model for one record keyed by the original column names (Python-safe field names
-        with the column names as aliases). Unknown fields, NaN and infinities are rejected."""
+        with the column names as aliases). Unknown fields, NaN and infinities are rejected; the data plane
+        checks the features' limits, for every transport alike."""
         fields: dict[str, Any] = {}
         for field_name, feature in zip(field_names(self.names), self.features, strict=True):
             annotation: Any = _FIELD_TYPES[feature.kind]
@@ -201,6 +217,8 @@ def _describe(feature: Feature) -> str:
     text = f"{feature.kind.value}"
     if feature.kind is FeatureKind.NUMERIC:
         text += f"; training range [{feature.minimum:g}, {feature.maximum:g}]"
+        if feature.limit is not None:
+            text += f"; the model takes values up to ±{feature.limit:g}"
     elif feature.kind is FeatureKind.CATEGORICAL:
         shown = ", ".join(feature.categories[:10])
         text += (

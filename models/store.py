@@ -7,6 +7,8 @@ MLflow lineage, so `bentoml models get NAME:latest` shows where it came from.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import tempfile
@@ -18,15 +20,16 @@ from typing import TYPE_CHECKING, Any
 import bentoml
 import joblib
 import pandas as pd
-from bentoml.exceptions import NotFound
+from bentoml.exceptions import BentoMLException, NotFound
 
 if TYPE_CHECKING:  # imported by joblib with the model; see split() in models/data.py
     from sklearn.pipeline import Pipeline
 
 from models.data import Task
-from models.errors import InputError
+from models.errors import InputError, first_line
+from models.limits import finite_limits
 from models.predict import Predictions, predict
-from models.schema import FeatureSchema
+from models.schema import FeatureKind, FeatureSchema
 
 PIPELINE_FILE = "pipeline.joblib"
 SCHEMA_FILE = "feature_schema.json"
@@ -35,6 +38,9 @@ REFERENCE_FILE = "reference.parquet"
 TARGET_COLUMN = "_target"
 PREDICTION_COLUMN = "_prediction"
 PROBABILITY_PREFIX = "_proba_"
+# Metadata key of the files' SHA-256 digests: a damaged or missing file is found when the model is opened,
+# in `bentoml serve`'s main process, instead of crash-looping every worker that unpickles it.
+FILE_DIGESTS = "file_digests"
 
 
 def check_writable(bentoml_home: Path) -> None:
@@ -70,11 +76,24 @@ def save(
     labels: dict[str, str],
     metadata: dict[str, Any],
 ) -> str:
+    schema = schema.with_limits(finite_limits(pipeline, schema, reference.head(1)))
     with bentoml.models.create(name, labels=labels, metadata=metadata) as model:
         joblib.dump(pipeline, model.path_of(PIPELINE_FILE))
         Path(model.path_of(SCHEMA_FILE)).write_text(schema.model_dump_json(indent=2))
         reference.to_parquet(model.path_of(REFERENCE_FILE), index=False)
+        # Written into the model's metadata when the context closes.
+        model.info.metadata[FILE_DIGESTS] = {
+            file: _sha256(Path(model.path_of(file))) for file in (PIPELINE_FILE, SCHEMA_FILE, REFERENCE_FILE)
+        }
     return str(model.tag)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -97,7 +116,8 @@ class StoredModel:
 
     @classmethod
     def open(cls, tag: str) -> StoredModel:
-        """Read a stored model's description (cheap: no pipeline is unpickled)."""
+        """Read a stored model's description and check its files (cheap: no pipeline is unpickled, except
+        once for a model saved before its input limits were measured)."""
         try:
             model = bentoml.models.get(tag)
         except NotFound:
@@ -105,21 +125,43 @@ class StoredModel:
             raise InputError(
                 f"no model '{tag}' in the BentoML store at {home}: train one with `python train.py`"
             ) from None
+        except (BentoMLException, OSError, ValueError) as exc:
+            raise InputError(
+                f"model '{tag}' in the BentoML store cannot be read: {first_line(exc)}"
+            ) from None
         path = Path(model.path)
-        return cls(
+        metadata = dict(model.info.metadata)
+        digests: dict[str, str] | None = metadata.get(FILE_DIGESTS)  # type: ignore[assignment]
+        _check_files(str(model.tag), path, digests)
+        try:
+            schema = FeatureSchema.model_validate(json.loads((path / SCHEMA_FILE).read_text()))
+        except (OSError, ValueError) as exc:
+            raise InputError(
+                f"model '{model.tag}': {SCHEMA_FILE} cannot be read: {first_line(exc)}"
+            ) from None
+        stored = cls(
             tag=str(model.tag),
             name=model.tag.name,
             version=str(model.tag.version),
             path=path,
             labels=dict(model.info.labels),
-            metadata=dict(model.info.metadata),
-            schema=FeatureSchema.model_validate(json.loads((path / SCHEMA_FILE).read_text())),
+            metadata=metadata,
+            schema=schema,
         )
+        if any(f.limit is None for f in schema.features if f.kind is FeatureKind.NUMERIC):
+            limits = finite_limits(stored.pipeline, schema, stored.load_reference().head(1))
+            stored = dataclasses.replace(stored, schema=schema.with_limits(limits))
+        return stored
 
     @cached_property
     def pipeline(self) -> Pipeline:
         """The fitted pipeline, unpickled on first use."""
-        pipeline: Pipeline = joblib.load(self.path / PIPELINE_FILE)
+        try:
+            pipeline: Pipeline = joblib.load(self.path / PIPELINE_FILE)
+        except Exception as exc:  # unpickling a damaged file raises almost anything
+            raise InputError(
+                f"model '{self.tag}': {PIPELINE_FILE} cannot be loaded: {first_line(exc)}"
+            ) from None
         return pipeline
 
     def load_reference(self) -> pd.DataFrame:
@@ -127,3 +169,14 @@ class StoredModel:
 
     def predict(self, frame: pd.DataFrame) -> Predictions:
         return predict(self.pipeline, self.schema.prepare(frame), self.task)
+
+
+def _check_files(tag: str, path: Path, digests: dict[str, str] | None) -> None:
+    """Every file the model needs is there and, where the store recorded digests, unchanged."""
+    for file in (PIPELINE_FILE, SCHEMA_FILE, REFERENCE_FILE):
+        if not (path / file).is_file():
+            raise InputError(f"model '{tag}' is incomplete: {file} is missing from {path}")
+        if digests and file in digests and _sha256(path / file) != digests[file]:
+            raise InputError(
+                f"model '{tag}' is damaged: {file} differs from the file that was saved (SHA-256 mismatch)"
+            )

@@ -89,6 +89,10 @@ class DataPlane:
         self._row_dtype: type = np.float64 if numeric_only else object
         self._record_values = operator.attrgetter(*field_names(self.feature_names))
         self._required_columns = [i for i, f in enumerate(model.schema.features) if not f.nullable]
+        # The columns with a largest magnitude the model takes (models/limits.py), and those magnitudes.
+        self._limited = [i for i, f in enumerate(model.schema.features) if f.limit is not None]
+        self._limits = np.array([model.schema.features[i].limit for i in self._limited], dtype=np.float64)
+        self._output_names = ["label", "probabilities"] if self.classes else ["label"]
         self._log = log
         self._metrics = metrics
         self._draining = False
@@ -165,7 +169,9 @@ class DataPlane:
         """Records already validated by the schema's request model (the HTTP APIs' input spec)."""
         values = self._record_values  # all of a record's fields in one call, in schema order
         rows: np.ndarray = np.array([values(record) for record in records], dtype=self._row_dtype)
-        return rows.reshape(len(records), -1)  # with one feature, attrgetter gives values, not tuples
+        rows = rows.reshape(len(records), -1)  # with one feature, attrgetter gives values, not tuples
+        self._check_limits(rows)
+        return rows
 
     def rows_from_columns(
         self, columns: Mapping[str, Sequence[Any] | np.ndarray], first_row: int = 0
@@ -179,9 +185,29 @@ class DataPlane:
             if all(array.dtype.kind in "fiu" for array in arrays):
                 matrix = np.column_stack(arrays).astype(np.float64, copy=False)
                 if not np.isinf(matrix).any() and not np.isnan(matrix[:, self._required_columns]).any():
+                    self._check_limits(matrix, first_row)
                     return matrix
         validated = [_validated_column(f, columns[f.name], first_row) for f in self.schema.features]
-        return np.column_stack(validated).astype(self._row_dtype, copy=False)
+        rows: np.ndarray = np.column_stack(validated).astype(self._row_dtype, copy=False)
+        self._check_limits(rows, first_row)
+        return rows
+
+    def _check_limits(self, rows: np.ndarray, first_row: int = 0) -> None:
+        """Refuse finite numbers too large for the model (models/limits.py): they would fail the model call
+        that the request shares with others. NaN (missing) compares false and passes."""
+        if not self._limited:
+            return
+        values = rows if len(self._limited) == rows.shape[1] else rows[:, self._limited]
+        beyond = np.abs(values.astype(np.float64, copy=False)) > self._limits
+        if beyond.any():
+            row, column = (int(index) for index in np.argwhere(beyond)[0])
+            feature = self.schema.features[self._limited[column]]
+            raise BadInputError(
+                f"'{feature.name}': {float(values[row, column]):g} is beyond what the model takes "
+                f"(±{feature.limit:g}; training range [{feature.minimum:g}, {feature.maximum:g}]) "
+                f"(row {first_row + row + 1})",
+                "out_of_range",
+            )
 
     # ---- prediction ---------------------------------------------------------------------------------------
 
@@ -191,6 +217,13 @@ class DataPlane:
         if len(rows) == 0:
             raise BadInputError("no rows to predict: the batch is empty", "empty_batch")
         outputs = np.asarray(await self._call_model(rows))
+        if not np.isfinite(outputs).all():
+            bad_row = int(np.flatnonzero(~np.isfinite(outputs.reshape(len(rows), -1)).all(axis=1))[0]) + 1
+            raise BadInputError(
+                f"row {bad_row}: the model's output is not a finite number for these values (features far "
+                "outside the training range)",
+                "not_finite_output",
+            )
         if self.classes is not None and self.model.classes is not None:
             labels = np.asarray(self.model.classes, dtype=object)[outputs.argmax(axis=1)].tolist()
             probabilities: np.ndarray | None = outputs
@@ -208,11 +241,19 @@ class DataPlane:
 
     async def infer(self, request: InferRequest, transport: str) -> tuple[list[OutputTensor], str]:
         """An Open Inference Protocol request (REST or gRPC), already decoded into tensors."""
+        # Checked before the model call: a refused request is neither predicted, logged nor counted.
+        unknown = [name for name in request.outputs or [] if name not in self._output_names]
+        if unknown:
+            raise BadInputError(
+                f"unknown output {', '.join(map(repr, unknown))}; available: {', '.join(self._output_names)}",
+                "unknown_output",
+            )
         rows = self.rows_from_columns(columns_from_tensors(request.inputs, self.feature_names))
         batch = await self.predict_rows(rows, transport, "infer", request.id)
         return self.output_tensors(batch, request.outputs), batch.request_id
 
     def output_tensors(self, batch: PredictionBatch, requested: list[str] | None) -> list[OutputTensor]:
+        """The requested outputs (all by default), whose names `infer` has checked."""
         rows = len(batch.labels)
         available = {
             "label": OutputTensor(
@@ -230,12 +271,6 @@ class DataPlane:
             )
         if not requested:
             return list(available.values())
-        unknown = [name for name in requested if name not in available]
-        if unknown:
-            raise BadInputError(
-                f"unknown output {', '.join(map(repr, unknown))}; available: {', '.join(available)}",
-                "unknown_output",
-            )
         return [available[name] for name in requested]
 
     def responses(self, batch: PredictionBatch) -> list[dict[str, Any]]:
@@ -300,6 +335,7 @@ def _validated_column(feature: Feature, values: Sequence[Any] | np.ndarray, firs
         if np.isinf(floats).any():
             row = first_row + int(np.flatnonzero(np.isinf(floats))[0]) + 1
             raise BadInputError(f"'{name}': Infinity is not allowed (row {row})", "not_finite")
+
         if not feature.nullable and np.isnan(floats).any():
             row = first_row + int(np.flatnonzero(np.isnan(floats))[0]) + 1
             raise BadInputError(

@@ -38,6 +38,28 @@ class _CountingFileHandler(logging.handlers.RotatingFileHandler):
     def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802  (logging.Handler API)
         self.on_drop(record.getMessage().count("\n") + 1)  # one record holds one request's lines
 
+    def emit(self, record: logging.LogRecord) -> None:
+        self._reopen_if_removed()
+        super().emit(record)
+
+    def _reopen_if_removed(self) -> None:
+        """A file removed while open (or its whole directory) takes every later write without an error and
+        keeps none of it: start the file again where it belongs. One stat per burst of requests."""
+        if self.stream is None:
+            Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+            return
+        opened = os.fstat(self.stream.fileno())
+        try:
+            current = Path(self.baseFilename).stat()
+            if (current.st_dev, current.st_ino) == (opened.st_dev, opened.st_ino):
+                return
+        except FileNotFoundError:
+            pass
+        logger.warning("the prediction log %s was removed while open; writing a new one", self.baseFilename)
+        self.stream.close()
+        self.stream = None  # reopened at the next write, as with delay=True
+        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+
 
 class _DrainingListener(logging.handlers.QueueListener):
     """Hands the file handler everything queued at once: one size check, write and flush per burst of

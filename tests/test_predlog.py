@@ -1,6 +1,8 @@
 """The prediction log alone: rotation, and failing disks that must never fail a prediction."""
 
 import json
+import shutil
+import time
 from pathlib import Path
 
 import orjson
@@ -49,3 +51,23 @@ def test_a_write_that_fails_later_is_counted_not_raised(tmp_path: Path) -> None:
     log.close()
     assert log.dropped > 0
     assert log.dropped < 20  # the rows before the first rotation were written
+
+
+def test_a_log_directory_removed_while_serving_is_made_again_and_loses_no_later_row(tmp_path: Path) -> None:
+    directory = tmp_path / "predictions"
+    log = PredictionLog(directory, max_bytes=1_000_000, backups=2)
+    log.write([orjson.dumps({"row": 0})])
+    log.close()  # flushes: the first row is on disk
+    assert log.path.exists()
+    log = PredictionLog(directory, max_bytes=1_000_000, backups=2)
+    log.write([orjson.dumps({"row": 1})])
+    deadline = time.monotonic() + 10
+    while log.path.read_text().count("\n") < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)  # the writer thread has opened the file and written row 1
+    shutil.rmtree(directory)
+    for row in range(2, 302):
+        log.write([orjson.dumps({"row": row})])
+    log.close()
+    rows = [json.loads(line)["row"] for line in log.path.read_text().splitlines()]
+    assert rows == list(range(2, 302))
+    assert log.dropped == 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, NoReturn, Protocol, TypeVar
@@ -166,6 +167,22 @@ class GrpcServer:
         """Health NOT_SERVING, refuse new RPCs, give in-flight ones `grace` seconds to finish."""
         await self._health.enter_graceful_shutdown()
         await self._server.stop(grace)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Exit with one line if host:port is taken. Called once before the workers start: they bind with
+    SO_REUSEPORT to share the port, and so would every other process of the same user, so a bind of
+    theirs cannot tell a sibling worker from another server. A plain bind can."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # connections in TIME_WAIT do not count
+        try:
+            probe.bind((host.strip("[]"), port))
+        except OSError as exc:
+            raise SystemExit(
+                f"error: the gRPC port {host}:{port} is not available ({exc.strerror}): another server "
+                "listens there; choose another with TABSERVE_GRPC_PORT (0: no gRPC server)"
+            ) from None
 
 
 async def start_grpc_server(plane: DataPlane, host: str, port: int) -> GrpcServer:
