@@ -48,3 +48,13 @@ def breast_cancer_table(flip_share: float = 0.0, shuffle_target: bool = False, s
     target[flip] = np.where(target[flip] == "benign", "malignant", "benign")
     frame[table.target.name] = target
     return frame
+
+
+def shuffle_labels(frame: pd.DataFrame, target: str, share: float, seed: int = 0) -> pd.DataFrame:
+    """A copy whose labels are shuffled among a random `share` of the rows: corrupted labels with the same
+    class counts."""
+    rng = np.random.default_rng(seed)
+    frame = frame.copy()
+    chosen = np.flatnonzero(rng.random(len(frame)) < share)
+    frame.loc[frame.index[chosen], target] = rng.permutation(frame[target].to_numpy()[chosen])
+    return frame
