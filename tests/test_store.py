@@ -13,9 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from models import registry
+from models import evaluation, registry
 from models.data import load_default
-from models.evaluation import test_metrics
 from models.store import PREDICTION_COLUMN, PROBABILITY_PREFIX, TARGET_COLUMN, StoredModel
 from tests.conftest import PROJECT_ROOT, Stores
 
@@ -132,7 +131,7 @@ def test_held_out_rows_are_kept_in_the_store_and_in_mlflow_under_one_digest(
         ]
     )
     # The rows the run's test metrics were computed on.
-    scored = test_metrics(
+    scored = evaluation.test_metrics(
         stored.pipeline, stored.schema.prepare(holdout), holdout[TARGET_COLUMN], stored.task
     )
     assert scored == pytest.approx(stored.metadata["test_metrics"])

@@ -47,9 +47,10 @@ def test_default_run_trains_registers_and_stores_the_champion(
     }
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert artifacts == {"plots/confusion_matrix.png", "plots/roc_curve.png"}
-    [dataset] = run.inputs.dataset_inputs
-    assert "load_breast_cancer" in str(dataset.dataset.source)
-    assert dataset.dataset.digest == version.tags["dataset_digest"]
+    inputs = {item.tags[0].value: item.dataset for item in run.inputs.dataset_inputs}
+    assert set(inputs) == {"training", "testing"}  # the table, and its held-out rows (tests/test_store.py)
+    assert "load_breast_cancer" in str(inputs["training"].source)
+    assert inputs["training"].digest == version.tags["dataset_digest"]
     # The MLflow store lives in the configured data directory, not in the working directory.
     assert (stores.data_dir / "mlflow.db").is_file()
     assert any((stores.data_dir / "mlartifacts").iterdir())
