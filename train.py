@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -24,8 +25,10 @@ from settings import get_settings
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False)
 console = Console(stderr=True, highlight=False, soft_wrap=True)
-# Our progress lines say what MLflow's INFO lines would, once per stage; its warnings and errors still show.
+# Our progress lines say what MLflow's INFO lines and download bars would, once per stage; its warnings and
+# errors still show.
 logging.getLogger("mlflow").setLevel(logging.ERROR)
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 @app.command(help=__doc__)
@@ -61,6 +64,13 @@ def main(
     margin: Annotated[
         float, typer.Option(help="How much the new version must beat the champion by, in metric units.")
     ] = 0.0,
+    tolerance: Annotated[
+        float,
+        typer.Option(
+            help="How much worse than the champion the new version may score on the champion's own held-out "
+            "rows, as a share of the champion's score there (0.02: 2%)."
+        ),
+    ] = 0.02,
     force: Annotated[
         bool, typer.Option(help="Promote to champion even if the gate says no; recorded as a tag.")
     ] = False,
@@ -88,6 +98,7 @@ def main(
         task=task,
         metric=metric,
         margin=margin,
+        tolerance=tolerance,
         force=force,
         seed=seed,
         test_size=test_size,

@@ -14,6 +14,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from sklearn import metrics as skm
 from sklearn.base import clone
+from sklearn.dummy import DummyClassifier, DummyRegressor
 from sklearn.model_selection import KFold, StratifiedKFold, cross_val_score
 from sklearn.pipeline import Pipeline
 
@@ -90,6 +91,13 @@ def cross_validate(
     if scorer.startswith("neg_"):
         scores = -scores
     return CandidateScore(name=name, mean=float(np.mean(scores)), std=float(np.std(scores)))
+
+
+def dummy_baseline(task: Task, X: pd.DataFrame, y: pd.Series) -> Pipeline:
+    """The constant model every version must beat: the training split's class shares for every row, or
+    its mean target. A pipeline like the candidates, so that it is scored the same way."""
+    estimator = DummyClassifier(strategy="prior") if task is Task.CLASSIFICATION else DummyRegressor()
+    return Pipeline([("model", estimator)]).fit(X, y)
 
 
 def test_metrics(model: Pipeline, X: pd.DataFrame, y: pd.Series, task: Task) -> dict[str, float]:

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
+import tempfile
+import warnings
 from dataclasses import dataclass
 from importlib.metadata import version as installed_version
+from pathlib import Path
 from typing import Any
 
 import mlflow
 import pandas as pd
 import skops.io
 from mlflow import MlflowClient
+from mlflow.data.pandas_dataset import from_pandas
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
@@ -22,6 +26,9 @@ from settings import Settings
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 MODEL_CARD = "model_card.json"
+# A run's held-out rows: an artifact (the rows) and a dataset input of this context (their digest).
+HOLDOUT_ARTIFACT = "holdout.parquet"
+HOLDOUT_CONTEXT = "testing"
 MODEL_ARTIFACT = "model"
 # Pinned here so log_model skips MLflow's slow environment inference.
 MODEL_REQUIREMENTS = ("scikit-learn", "skops", "numpy", "pandas", "scipy")
@@ -79,6 +86,46 @@ def load_version(name: str, version: str) -> Pipeline:
         else:
             os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = previous
     return pipeline
+
+
+def log_holdout(holdout: pd.DataFrame, name: str, source: str, target: str) -> str:
+    """Keep the active run's held-out rows with it, as the rows themselves and a dataset input (digest,
+    schema); returns the digest. The digest is taken from the rows as read back from the file, since a
+    round trip can change the types it hashes (numpy strings come back as Python ones)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / HOLDOUT_ARTIFACT
+        holdout.to_parquet(path, index=False)
+        mlflow.log_artifact(str(path))
+        stored = pd.read_parquet(path)
+    with warnings.catch_warnings():
+        # MLflow warns that a local path "can be interpreted in multiple ways"; both ways are the same source.
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = from_pandas(stored, source=source, targets=target, name=f"{name}-holdout")
+    mlflow.log_input(dataset, context=HOLDOUT_CONTEXT)
+    return dataset.digest
+
+
+def load_holdout(client: MlflowClient, run_id: str) -> pd.DataFrame | str:
+    """A run's held-out rows, checked against the digest recorded with the run, or why they are not there."""
+    inputs = client.get_run(run_id).inputs
+    recorded = [
+        item.dataset.digest
+        for item in (inputs.dataset_inputs if inputs else [])
+        if any(tag.key == "mlflow.data.context" and tag.value == HOLDOUT_CONTEXT for tag in item.tags)
+    ]
+    if not recorded:
+        return "its run has no held-out rows recorded (it was trained before the gate kept them)"
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            path = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=HOLDOUT_ARTIFACT, dst_path=folder
+            )
+        except (OSError, MlflowException) as exc:
+            return f"its held-out rows cannot be read: {first_line(exc)}"
+        holdout = pd.read_parquet(path)
+    if from_pandas(holdout).digest != recorded[0]:
+        return f"its held-out rows do not match the digest recorded with its run ({recorded[0]})"
+    return holdout
 
 
 def log_and_register(

@@ -1,7 +1,8 @@
 """Export to and load from the BentoML model store.
 
-A stored model is a folder in the store holding the fitted pipeline, the feature schema and the reference
-set (training rows with the model's predictions, for drift reports); its labels and metadata carry the
+A stored model is a folder in the store holding the fitted pipeline, the feature schema, the reference set
+(training rows with the model's predictions, for drift reports) and the held-out rows it was scored on (for
+the promotion gate; MLflow keeps the same rows with the run); its labels and metadata carry the
 MLflow lineage, so `bentoml models get NAME:latest` shows where it came from.
 """
 
@@ -34,6 +35,9 @@ from models.schema import FeatureKind, FeatureSchema
 PIPELINE_FILE = "pipeline.joblib"
 SCHEMA_FILE = "feature_schema.json"
 REFERENCE_FILE = "reference.parquet"
+HOLDOUT_FILE = "holdout.parquet"
+# What a model needs to be served (models saved before their held-out rows were kept have no HOLDOUT_FILE).
+SERVED_FILES = (PIPELINE_FILE, SCHEMA_FILE, REFERENCE_FILE)
 # Reserved column names in the reference set, beside the feature columns.
 TARGET_COLUMN = "_target"
 PREDICTION_COLUMN = "_prediction"
@@ -68,11 +72,19 @@ def reference_set(
     return pd.concat([prepared, pd.DataFrame(extra)], axis=1)
 
 
+def holdout_set(X: pd.DataFrame, y: pd.Series) -> pd.DataFrame:
+    """The held-out test rows as they were in the table, with their true target: what the model was scored
+    on, kept with it so that the promotion gate can score later versions on them. Raw, not prepared: each
+    version prepares them with its own schema (prepared booleans are 0/1 and would not read back)."""
+    return X.reset_index(drop=True).assign(**{TARGET_COLUMN: y.to_numpy()})
+
+
 def save(
     name: str,
     pipeline: Pipeline,
     schema: FeatureSchema,
     reference: pd.DataFrame,
+    holdout: pd.DataFrame,
     labels: dict[str, str],
     metadata: dict[str, Any],
 ) -> str:
@@ -81,9 +93,10 @@ def save(
         joblib.dump(pipeline, model.path_of(PIPELINE_FILE))
         Path(model.path_of(SCHEMA_FILE)).write_text(schema.model_dump_json(indent=2))
         reference.to_parquet(model.path_of(REFERENCE_FILE), index=False)
+        holdout.to_parquet(model.path_of(HOLDOUT_FILE), index=False)
         # Written into the model's metadata when the context closes.
         model.info.metadata[FILE_DIGESTS] = {
-            file: _sha256(Path(model.path_of(file))) for file in (PIPELINE_FILE, SCHEMA_FILE, REFERENCE_FILE)
+            file: _sha256(Path(model.path_of(file))) for file in (*SERVED_FILES, HOLDOUT_FILE)
         }
     return str(model.tag)
 
@@ -167,16 +180,20 @@ class StoredModel:
     def load_reference(self) -> pd.DataFrame:
         return pd.read_parquet(self.path / REFERENCE_FILE)
 
+    def load_holdout(self) -> pd.DataFrame:
+        return pd.read_parquet(self.path / HOLDOUT_FILE)
+
     def predict(self, frame: pd.DataFrame) -> Predictions:
         return predict(self.pipeline, self.schema.prepare(frame), self.task)
 
 
 def _check_files(tag: str, path: Path, digests: dict[str, str] | None) -> None:
     """Every file the model needs is there and, where the store recorded digests, unchanged."""
-    for file in (PIPELINE_FILE, SCHEMA_FILE, REFERENCE_FILE):
+    expected: dict[str, str | None] = dict(digests) if digests else dict.fromkeys(SERVED_FILES)
+    for file, digest in expected.items():
         if not (path / file).is_file():
             raise InputError(f"model '{tag}' is incomplete: {file} is missing from {path}")
-        if digests and file in digests and _sha256(path / file) != digests[file]:
+        if digest is not None and _sha256(path / file) != digest:
             raise InputError(
                 f"model '{tag}' is damaged: {file} differs from the file that was saved (SHA-256 mismatch)"
             )

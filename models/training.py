@@ -1,5 +1,8 @@
 """One training run, stage by stage: data -> candidates -> held-out test -> gate -> registry -> BentoML store.
 
+The held-out rows are kept with the run (and the store entry), so that when this version is champion the
+gate can score later versions on them (models/gate.py).
+
 Nothing is written before the data has been validated and both stores have been checked, and a failure
 after registration removes the new version (and store entry) again, so a failed run leaves no version,
 alias or stored model behind.
@@ -20,11 +23,13 @@ import bentoml
 import matplotlib.pyplot as plt
 import mlflow
 import pandas as pd
+from mlflow import MlflowClient
 from mlflow.data.pandas_dataset import from_pandas
+from sklearn.pipeline import Pipeline
 
 from models import registry, store
 from models.candidates import candidates
-from models.data import Split, Task, load_default, load_table, resolve_task, split, validate
+from models.data import Task, load_default, load_table, resolve_task, split, validate
 from models.errors import InputError
 from models.evaluation import (
     DEFAULT_METRIC,
@@ -32,10 +37,11 @@ from models.evaluation import (
     CandidateScore,
     Metric,
     cross_validate,
+    dummy_baseline,
     plots,
     test_metrics,
 )
-from models.gate import ChampionScore, Decision, decide
+from models.gate import ChampionScores, Decision, HeldOutScores, decide, decide_first
 from models.schema import FeatureSchema
 from settings import Settings
 
@@ -52,6 +58,7 @@ class TrainingOptions:
     task: Task = Task.AUTO
     metric: str | None = None
     margin: float = 0.0
+    tolerance: float = 0.02
     force: bool = False
     seed: int = 42
     test_size: float = 0.2
@@ -107,6 +114,8 @@ def train(options: TrainingOptions, settings: Settings, progress: Callable[[str]
         raise InputError("--data needs --target COLUMN")
     if not 0.05 <= options.test_size <= 0.5:
         raise InputError(f"--test-size must be between 0.05 and 0.5, got {options.test_size}")
+    if not 0 <= options.tolerance < 1:
+        raise InputError(f"--tolerance must be at least 0 and below 1, got {options.tolerance}")
 
     progress("Loading and checking the data")
     table = (
@@ -148,6 +157,7 @@ def train(options: TrainingOptions, settings: Settings, progress: Callable[[str]
                 "test_size": options.test_size,
                 "cv_folds": options.cv_folds,
                 "margin": options.margin,
+                "tolerance": options.tolerance,
                 "force": options.force,
                 "dropped_columns": ",".join(options.drop) or "-",
             }
@@ -184,12 +194,37 @@ def train(options: TrainingOptions, settings: Settings, progress: Callable[[str]
             "feature_schema": schema.model_dump(mode="json", exclude_none=True),
         }
         mlflow.log_dict(card, registry.MODEL_CARD)
+        holdout = store.holdout_set(parts.X_test, parts.y_test)
+        holdout_digest = registry.log_holdout(holdout, name, table.source, store.TARGET_COLUMN)
 
-        progress("Comparing with the current champion on the same held-out rows")
+        baseline = dummy_baseline(task, X_train, parts.y_train)
+        baseline_metrics = test_metrics(baseline, X_test, parts.y_test, task)
+        mlflow.log_metrics({f"dummy_test_{key}": value for key, value in baseline_metrics.items()})
+        new_score, baseline_score = metrics[metric.name], baseline_metrics[metric.name]
+        gate_figures = {"new_rows_new": new_score, "new_rows_baseline": baseline_score}
         champion = registry.current_champion(client, name)
-        champion_score = score_champion(champion, name, schema, card, metric, parts) if champion else None
-        decision = decide(metric, metrics[metric.name], options.margin, options.force, champion_score)
+        if champion is None:
+            progress("Comparing with a dummy baseline (no champion yet)")
+            progress(f"  held-out rows: {metric.name} new {new_score:.4f}, dummy {baseline_score:.4f}")
+            decision = decide_first(metric, new_score, baseline_score, options.force)
+        else:
+            progress(f"Comparing with champion v{champion.version} and a dummy baseline")
+            champion_scores = score_champion(
+                client, champion, name, schema, card, metric, model, baseline, holdout
+            )
+            for rows, held_out in [
+                ("new held-out rows", champion_scores.new_rows),
+                (f"v{champion.version}'s own held-out rows", champion_scores.trusted_rows),
+            ]:
+                if held_out is not None:
+                    progress(
+                        f"  {rows}: {metric.name} new {held_out.new:.4f}, champion {held_out.champion:.4f}, "
+                        f"dummy {held_out.baseline:.4f}"
+                    )
+            gate_figures |= champion_scores.figures()
+            decision = decide(metric, champion_scores, options.margin, options.tolerance, options.force)
         progress(f"  {decision.reason}")
+        mlflow.log_metrics({f"gate_{metric.name}_{key}": value for key, value in gate_figures.items()})
 
         progress("Registering the model version in MLflow")
         version = registry.log_and_register(
@@ -213,6 +248,7 @@ def train(options: TrainingOptions, settings: Settings, progress: Callable[[str]
                         settings.reference_rows,
                         options.seed,
                     ),
+                    holdout,
                     labels={
                         "mlflow_run_id": run.info.run_id,
                         "registered_model": name,
@@ -229,11 +265,13 @@ def train(options: TrainingOptions, settings: Settings, progress: Callable[[str]
                         "estimator": best,
                         "dataset_digest": dataset.digest,
                         "dataset_source": table.source,
+                        "holdout_digest": holdout_digest,
                         "rows": {"train": len(X_train), "test": len(X_test)},
                         "trained_at": trained_at,
                         "training_seconds": round(time.perf_counter() - started, 2),
                         "mlflow_tracking_uri": settings.tracking_uri,
                         "promotion": decision.reason,
+                        "gate": {"metric": metric.name, **gate_figures, "failed": list(decision.failed)},
                     },
                 )
             client.set_registered_model_alias(name, decision.alias, str(version.version))
@@ -242,7 +280,9 @@ def train(options: TrainingOptions, settings: Settings, progress: Callable[[str]
                 if decision.forced
                 else ("promoted" if decision.promote else "rejected"),
                 "gate_reason": decision.reason,
+                "gate_failed": ",".join(decision.failed) or "-",
                 "dataset_digest": dataset.digest,
+                "holdout_digest": holdout_digest,
                 "bento_tag": bento_tag or "-",
             }.items():
                 client.set_model_version_tag(name, str(version.version), key, value)
@@ -252,7 +292,12 @@ def train(options: TrainingOptions, settings: Settings, progress: Callable[[str]
             registry.discard_version(client, name, str(version.version))
             raise
         mlflow.set_tags(
-            {"promotion": decision.alias, "forced": str(decision.forced), "bento_tag": bento_tag or "-"}
+            {
+                "promotion": decision.alias,
+                "forced": str(decision.forced),
+                "gate_reason": decision.reason,
+                "bento_tag": bento_tag or "-",
+            }
         )
 
     return TrainingResult(
@@ -274,18 +319,22 @@ def train(options: TrainingOptions, settings: Settings, progress: Callable[[str]
 
 
 def score_champion(
+    client: MlflowClient,
     champion: registry.Champion,
     name: str,
     schema: FeatureSchema,
     card: dict[str, Any],
     metric: Metric,
-    parts: Split,
-) -> ChampionScore:
-    """Score the champion on the new held-out rows, or say why it cannot be scored on them."""
+    model: Pipeline,
+    baseline: Pipeline,
+    holdout: pd.DataFrame,
+) -> ChampionScores:
+    """Score the champion, the new model and the dummy baseline on the new held-out rows and on the
+    champion's own, or say why they cannot be scored."""
     old = champion.card
     if old["task"] != card["task"]:
-        return ChampionScore(
-            champion.version, None, f"champion is a {old['task']} model, this is {card['task']}"
+        return ChampionScores(
+            champion.version, incomparable=f"champion is a {old['task']} model, this is {card['task']}"
         )
     old_schema = FeatureSchema.model_validate(old["feature_schema"])
     reason = old_schema.incompatibility(schema)
@@ -294,7 +343,23 @@ def score_champion(
         if old_classes != new_classes:
             reason = f"classes differ: champion {old_classes}, new data {new_classes}"
     if reason is not None:
-        return ChampionScore(champion.version, None, reason)
-    pipeline = registry.load_version(name, champion.version)
-    score = test_metrics(pipeline, old_schema.prepare(parts.X_test), parts.y_test, Task(str(old["task"])))
-    return ChampionScore(champion.version, score[metric.name])
+        return ChampionScores(champion.version, incomparable=reason)
+    trusted = registry.load_holdout(client, champion.run_id)
+    if isinstance(trusted, str):
+        return ChampionScores(champion.version, incomparable=trusted)
+    old_pipeline = registry.load_version(name, champion.version)
+    task = Task(str(card["task"]))
+
+    def scores(rows: pd.DataFrame) -> HeldOutScores:
+        def score(pipeline: Pipeline, its_schema: FeatureSchema) -> float:
+            return test_metrics(pipeline, its_schema.prepare(rows), rows[store.TARGET_COLUMN], task)[
+                metric.name
+            ]
+
+        return HeldOutScores(
+            new=score(model, schema),
+            champion=score(old_pipeline, old_schema),
+            baseline=score(baseline, schema),
+        )
+
+    return ChampionScores(champion.version, new_rows=scores(holdout), trusted_rows=scores(trusted))

@@ -36,15 +36,17 @@ def mixed_table(rows: int = 400, classes: int = 2, regression: bool = False, see
     return frame
 
 
-def breast_cancer_table(flip_share: float = 0.0, shuffle_target: bool = False, seed: int = 0) -> pd.DataFrame:
-    """The bundled data as a CSV-ready table, its labels optionally made noisier or meaningless."""
+def breast_cancer_table() -> pd.DataFrame:
+    """The bundled data as a CSV-ready table."""
     table = load_default()
-    frame = table.features.copy()
-    target = table.target.to_numpy(copy=True)
+    return table.features.assign(**{str(table.target.name): table.target.to_numpy()})
+
+
+def shuffle_labels(frame: pd.DataFrame, target: str, share: float, seed: int = 0) -> pd.DataFrame:
+    """A copy whose labels are shuffled among a random `share` of the rows: corrupted labels with the same
+    class counts."""
     rng = np.random.default_rng(seed)
-    if shuffle_target:
-        target = rng.permutation(target)
-    flip = rng.random(len(target)) < flip_share
-    target[flip] = np.where(target[flip] == "benign", "malignant", "benign")
-    frame[table.target.name] = target
+    frame = frame.copy()
+    chosen = np.flatnonzero(rng.random(len(frame)) < share)
+    frame.loc[frame.index[chosen], target] = rng.permutation(frame[target].to_numpy()[chosen])
     return frame

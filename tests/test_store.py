@@ -10,9 +10,10 @@ from pathlib import Path
 
 import mlflow.pyfunc
 import numpy as np
+import pandas as pd
 import pytest
 
-from models import registry
+from models import evaluation, registry
 from models.data import load_default
 from models.store import PREDICTION_COLUMN, PROBABILITY_PREFIX, TARGET_COLUMN, StoredModel
 from tests.conftest import PROJECT_ROOT, Stores
@@ -105,3 +106,32 @@ def test_bentoml_cli_shows_labels_and_metadata(stores: Stores, stored: StoredMod
         timeout=120,
     )
     assert stored.tag in listed.stdout
+
+
+def test_held_out_rows_are_kept_in_the_store_and_in_mlflow_under_one_digest(
+    stores: Stores, stored: StoredModel
+) -> None:
+    holdout = stored.load_holdout()
+    assert len(holdout) == stored.metadata["rows"]["test"]
+    assert list(holdout.columns) == [*stored.schema.names, TARGET_COLUMN]
+    client = stores.client()
+    in_mlflow = registry.load_holdout(client, stored.labels["mlflow_run_id"])
+    assert isinstance(in_mlflow, pd.DataFrame)
+    pd.testing.assert_frame_equal(in_mlflow, holdout)
+    [recorded] = [
+        item.dataset
+        for item in client.get_run(stored.labels["mlflow_run_id"]).inputs.dataset_inputs
+        if item.tags[0].value == registry.HOLDOUT_CONTEXT
+    ]
+    assert recorded.digest == stored.metadata["holdout_digest"]
+    assert (
+        recorded.digest
+        == client.get_model_version("breast_cancer", stored.labels["registered_version"]).tags[
+            "holdout_digest"
+        ]
+    )
+    # The rows the run's test metrics were computed on.
+    scored = evaluation.test_metrics(
+        stored.pipeline, stored.schema.prepare(holdout), holdout[TARGET_COLUMN], stored.task
+    )
+    assert scored == pytest.approx(stored.metadata["test_metrics"])

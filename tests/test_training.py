@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import bentoml
@@ -14,7 +15,7 @@ from mlflow.exceptions import MlflowException
 from models.schema import FeatureKind
 from models.store import StoredModel
 from tests.conftest import Stores, assert_ok, run_train
-from tests.tables import breast_cancer_table, mixed_table
+from tests.tables import breast_cancer_table, mixed_table, shuffle_labels
 
 
 def champion_version(stores: Stores, name: str) -> str:
@@ -46,9 +47,10 @@ def test_default_run_trains_registers_and_stores_the_champion(
     }
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert artifacts == {"plots/confusion_matrix.png", "plots/roc_curve.png"}
-    [dataset] = run.inputs.dataset_inputs
-    assert "load_breast_cancer" in str(dataset.dataset.source)
-    assert dataset.dataset.digest == version.tags["dataset_digest"]
+    inputs = {item.tags[0].value: item.dataset for item in run.inputs.dataset_inputs}
+    assert set(inputs) == {"training", "testing"}  # the table, and its held-out rows (tests/test_store.py)
+    assert "load_breast_cancer" in str(inputs["training"].source)
+    assert inputs["training"].digest == version.tags["dataset_digest"]
     # The MLflow store lives in the configured data directory, not in the working directory.
     assert (stores.data_dir / "mlflow.db").is_file()
     assert any((stores.data_dir / "mlartifacts").iterdir())
@@ -107,62 +109,146 @@ def test_continuous_target_trains_a_regression(stores: Stores, tmp_path: Path) -
 
 
 def test_promotion_gate_lifecycle(stores: Stores, tmp_path: Path) -> None:
-    """Meaningless labels -> champion (first); clean -> promoted; noisier -> challenger; --force -> champion;
-    a different feature set -> cannot compare, refused unless --force."""
+    """Same data again -> a tie, challenger; a different feature set -> cannot compare, refused unless
+    --force."""
     name = "gate"
-    tables = {
-        "shuffled": breast_cancer_table(shuffle_target=True),
-        "clean": breast_cancer_table(),
-        "noisy": breast_cancer_table(flip_share=0.25, seed=1),
-    }
-    for label, frame in tables.items():
-        frame.to_csv(tmp_path / f"{label}.csv", index=False)
+    path = tmp_path / "clean.csv"
+    breast_cancer_table().to_csv(path, index=False)
 
-    def train(label: str, *extra: str) -> subprocess.CompletedProcess[str]:
-        args = (
-            "--data",
-            str(tmp_path / f"{label}.csv"),
-            "--target",
-            "diagnosis",
-            "--name",
-            name,
-            "--cv-folds",
-            "3",
-        )
+    def train(*extra: str) -> subprocess.CompletedProcess[str]:
+        args = ("--data", str(path), "--target", "diagnosis", "--name", name, "--cv-folds", "3")
         result = run_train(stores, *args, *extra)
         assert_ok(result)
         return result
 
-    train("shuffled")
+    train()
     assert champion_version(stores, name) == "1"
 
-    better = train("clean")
-    assert "better: roc_auc" in better.stderr
-    assert champion_version(stores, name) == "2"
-    assert StoredModel.open(f"{name}:latest").labels["registered_version"] == "2"
+    tie = train()
+    assert "not better: on the new held-out rows roc_auc" in tie.stderr
+    assert "(gain +0.0000 does not exceed margin 0.0000)" in tie.stderr
+    assert "unchanged (not promoted)" in tie.stdout
+    assert champion_version(stores, name) == "1"
+    assert str(stores.client().get_model_version_by_alias(name, "challenger").version) == "2"
+    assert version_tags(stores, name, "2")["promotion"] == "rejected"
+    assert version_tags(stores, name, "2")["gate_failed"] == "champion_new_rows"
+    assert StoredModel.open(f"{name}:latest").labels["registered_version"] == "1"
 
-    worse = train("noisy")
-    assert "not better: roc_auc" in worse.stderr
-    assert "unchanged (not promoted)" in worse.stdout
-    assert champion_version(stores, name) == "2"
-    assert str(stores.client().get_model_version_by_alias(name, "challenger").version) == "3"
-    assert version_tags(stores, name, "3")["promotion"] == "rejected"
-    assert StoredModel.open(f"{name}:latest").labels["registered_version"] == "2"
+    refused = train("--drop", "mean radius")
+    assert (
+        "cannot compare with champion v1: feature columns differ: missing ['mean radius']" in refused.stderr
+    )
+    assert champion_version(stores, name) == "1"
 
-    train("noisy", "--force")
+    train("--drop", "mean radius", "--force")
     assert champion_version(stores, name) == "4"
     assert version_tags(stores, name, "4")["promotion"] == "forced"
-    assert StoredModel.open(f"{name}:latest").labels["registered_version"] == "4"
-
-    refused = train("clean", "--drop", "mean radius")
-    assert (
-        "cannot compare with champion v4: feature columns differ: missing ['mean radius']" in refused.stderr
-    )
-    assert champion_version(stores, name) == "4"
-
-    train("clean", "--drop", "mean radius", "--force")
-    assert champion_version(stores, name) == "6"
     assert "mean radius" not in StoredModel.open(f"{name}:latest").schema.names
+
+
+@dataclass(frozen=True)
+class GateTable:
+    """A table to train on, a copy with 60% of its labels shuffled, and a smaller and a larger sample of
+    the same distribution (disjoint, so that neither model was trained on the other's held-out rows)."""
+
+    clean: pd.DataFrame
+    noisy: pd.DataFrame
+    smaller: pd.DataFrame
+    larger: pd.DataFrame
+    target: str
+    drop: tuple[str, ...] = ()
+
+    def train(
+        self, stores: Stores, tmp_path: Path, name: str, which: str, *extra: str
+    ) -> subprocess.CompletedProcess[str]:
+        path = tmp_path / f"{name}-{which}.csv"
+        getattr(self, which).to_csv(path, index=False)
+        args = ["--data", str(path), "--target", self.target, "--name", name, "--cv-folds", "3"]
+        for column in self.drop:
+            args += ["--drop", column]
+        result = run_train(stores, *args, *extra)
+        assert_ok(result)
+        return result
+
+
+def gate_table(table: str) -> GateTable:
+    # Shuffle seeds for which the gate before the trusted rows promoted the noisy version: it won on the new
+    # (noisy) held-out rows, as in issue #12.
+    if table == "breast_cancer":
+        clean = breast_cancer_table()
+        smaller = clean.sample(frac=0.2, random_state=0)
+        return GateTable(
+            clean,
+            shuffle_labels(clean, "diagnosis", 0.6, seed=2),
+            smaller,
+            clean.drop(smaller.index),
+            "diagnosis",
+        )
+    clean = mixed_table(rows=400)
+    return GateTable(
+        clean,
+        shuffle_labels(clean, "segment", 0.6, seed=4),
+        mixed_table(rows=300, seed=0),
+        mixed_table(rows=1200, seed=1),
+        "segment",
+        ("customer_id",),
+    )
+
+
+GATE_TABLES = ["breast_cancer", "customers"]  # numeric only; numeric, text and boolean with missing values
+
+
+@pytest.mark.parametrize("table", GATE_TABLES)
+def test_retraining_on_corrupted_labels_does_not_move_the_champion(
+    stores: Stores, tmp_path: Path, table: str
+) -> None:
+    name, data = f"noisy-{table.replace('_', '-')}", gate_table(table)
+    data.train(stores, tmp_path, name, "clean")
+    noisy = data.train(stores, tmp_path, name, "noisy")
+
+    assert champion_version(stores, name) == "1"
+    assert "but loses on champion v1's own held-out rows roc_auc" in noisy.stderr
+    assert "label noise or a change of concept: a person decides with --force" in noisy.stderr
+    assert "unchanged (not promoted)" in noisy.stdout
+    tags = version_tags(stores, name, "2")
+    assert tags["promotion"] == "rejected"
+    assert tags["gate_failed"] == "champion_trusted_rows"
+    assert "own held-out rows" in tags["gate_reason"]
+    run = stores.client().get_run(stores.client().get_model_version(name, "2").run_id)
+    assert run.data.tags["gate_reason"] == tags["gate_reason"]
+    figures = {key.removeprefix("gate_roc_auc_"): value for key, value in run.data.metrics.items()}
+    # What fooled the old gate: the noisy version wins on the noisy held-out rows...
+    assert figures["new_rows_new"] > figures["new_rows_champion"] > figures["new_rows_baseline"]
+    # ... and what the champion's own rows show.
+    assert (
+        figures["trusted_rows_champion"] - figures["trusted_rows_new"]
+        > 0.02 * figures["trusted_rows_champion"]
+    )
+    assert run.data.params["tolerance"] == "0.02"
+    assert StoredModel.open(f"{name}:latest").labels["registered_version"] == "1"
+
+    forced = data.train(stores, tmp_path, name, "noisy", "--force")
+    assert "forced; wins on the new held-out rows" in forced.stderr
+    assert champion_version(stores, name) == "3"
+    assert version_tags(stores, name, "3")["promotion"] == "forced"
+    stored = StoredModel.open(f"{name}:latest")
+    assert stored.labels["registered_version"] == "3"
+    assert stored.metadata["promotion"] == version_tags(stores, name, "3")["gate_reason"]
+    assert stored.metadata["promotion"].startswith("forced; wins on the new held-out rows")
+    assert stored.metadata["gate"]["failed"] == ["champion_trusted_rows"]
+    assert stored.metadata["gate"]["trusted_rows_champion"] == figures["trusted_rows_champion"]
+
+
+@pytest.mark.parametrize("table", GATE_TABLES)
+def test_more_rows_of_the_same_distribution_are_promoted(stores: Stores, tmp_path: Path, table: str) -> None:
+    name, data = f"more-{table.replace('_', '-')}", gate_table(table)
+    data.train(stores, tmp_path, name, "smaller")
+    larger = data.train(stores, tmp_path, name, "larger")
+    assert "better: on the new held-out rows roc_auc" in larger.stderr
+    assert champion_version(stores, name) == "2"
+    assert version_tags(stores, name, "2")["promotion"] == "promoted"
+    assert version_tags(stores, name, "2")["gate_failed"] == "-"
+    assert StoredModel.open(f"{name}:latest").labels["registered_version"] == "2"
 
 
 # case -> (file name, its content (None: no file), target column, what the one-line error says)
