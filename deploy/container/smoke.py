@@ -4,7 +4,7 @@
     .venv/bin/python -m deploy.container.smoke --engine docker
 
 Steps, each timed:
-1. train the default model into a throwaway store, export the locked requirements, `bentoml build`;
+1. train the default model into a throwaway store, `bentoml build` (the committed locked requirements);
 2. `bentoml containerize` with the chosen engine; the image exposes 3000 and 3001 and is not root;
 3. run the image on free loopback ports (--network host), with a named volume at /var/lib/tabserve as
    the compose stack does, and check /readyz, GET /model, POST /predict, a bad request (400), OIP REST,
@@ -199,7 +199,7 @@ def build_image(engine: Engine, work: Path, timings: Timings) -> str:
     env = store_env(work)
     with timings.step("train the default model into a throwaway store"):
         run([str(BIN / "python"), "train.py", "--if-missing"], env=env)
-    with timings.step("locked requirements and bentoml build (as make build)"):
+    with timings.step("bentoml build (as make build)"):
         try:
             tag = build_bento(env)
         except BuildError as error:
