@@ -41,10 +41,14 @@ simulate: setup
 drift-bench: setup
 	$(PY) -m drift bench
 
-# The bento's Python requirements are the lock file's exact versions, without the dev tools.
-build: setup
+# The bento's Python requirements (bentofile.yaml): the lock file's exact versions without the dev tools.
+# Committed, so that a plain `bentoml build` works in a fresh clone; remade here whenever uv.lock changes,
+# and tests/test_deploy_bento.py fails while it differs from the lock.
+requirements.txt: uv.lock | setup
+	$(UV) export --frozen --no-dev --no-hashes --no-emit-project -o $@ >/dev/null
+
+build: setup requirements.txt
 	$(PY) train.py --if-missing
-	$(UV) export --frozen --no-dev --no-hashes --no-emit-project --no-header -o requirements.txt >/dev/null
 	.venv/bin/bentoml build
 
 # The image of the bento: tabserve:<bento version> and tabserve:latest (docs/deployment.md).

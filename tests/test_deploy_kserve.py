@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import importlib_resources
@@ -21,8 +20,8 @@ import referencing
 import yaml
 from kubernetes_validate import latest_version
 
-from deploy.kustomize import load_documents, render
-from tests.conftest import PROJECT_ROOT
+from deploy.manifests import kustomize, load_documents
+from tests.conftest import PROJECT_ROOT, require_tool
 
 INFERENCE_SERVICES = PROJECT_ROOT / "deploy" / "kserve" / "inferenceservice.yaml"
 DEFINITIONS = "https://kubernetes.io/api/_definitions.json"
@@ -135,7 +134,8 @@ def test_rest_and_grpc_each_route_their_one_port(services: dict[str, dict[str, A
 
 
 def test_kserve_runs_the_image_of_the_kubernetes_overlay(services: dict[str, dict[str, Any]]) -> None:
-    production = render(Path(PROJECT_ROOT / "deploy" / "k8s" / "overlays" / "production"))
+    require_tool("kubectl")
+    production = kustomize(PROJECT_ROOT / "deploy" / "k8s" / "overlays" / "production")
     [deployment] = [item for item in production if item["kind"] == "Deployment"]
     [container] = deployment["spec"]["template"]["spec"]["containers"]
     for service in services.values():

@@ -4,7 +4,7 @@
     .venv/bin/python -m deploy.container.smoke --engine docker
 
 Steps, each timed:
-1. train the default model into a throwaway store, export the locked requirements, `bentoml build`;
+1. train the default model into a throwaway store, `bentoml build` (the committed locked requirements);
 2. `bentoml containerize` with the chosen engine; the image exposes 3000 and 3001 and is not root;
 3. run the image on free loopback ports (--network host), with a named volume at /var/lib/tabserve as
    the compose stack does, and check /readyz, GET /model, POST /predict, a bad request (400), OIP REST,
@@ -19,8 +19,9 @@ Steps, each timed:
 7. stop the service with SIGTERM and check it exits cleanly within the grace period.
 
 Everything it creates (containers, volume, image, bento store) is removed at the end: on success, on
-failure, on Ctrl-C and on SIGTERM. Needs podman or Docker, and python:3.11-slim pullable or already
-present (machines without registry access prepare a local stand-in first: see docs/deployment.md).
+failure, on Ctrl-C and on SIGTERM. Needs podman or Docker, python:3.11-slim pullable or already present
+(machines without registry access prepare a local stand-in first: see docs/deployment.md), and kubectl
+(`kubectl kustomize` renders deploy/k8s).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ import yaml
 
 from deploy.build import BuildError, build_bento
 from deploy.container import probes
-from deploy.kustomize import render
+from deploy.manifests import ManifestError, kustomize
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = PROJECT_ROOT / "deploy" / "compose" / "compose.yaml"
@@ -199,7 +200,7 @@ def build_image(engine: Engine, work: Path, timings: Timings) -> str:
     env = store_env(work)
     with timings.step("train the default model into a throwaway store"):
         run([str(BIN / "python"), "train.py", "--if-missing"], env=env)
-    with timings.step("locked requirements and bentoml build (as make build)"):
+    with timings.step("bentoml build (as make build)"):
         try:
             tag = build_bento(env)
         except BuildError as error:
@@ -336,7 +337,7 @@ def run_drift_report(engine: Engine, arguments: list[str]) -> None:
 
 def kubernetes_drift_job() -> tuple[dict[str, Any], dict[str, str]]:
     """The CronJob's container in deploy/k8s/base, and its environment with the ConfigMap's values."""
-    resources = render(PROJECT_ROOT / "deploy" / "k8s" / "base")
+    resources = kustomize(PROJECT_ROOT / "deploy" / "k8s" / "base")
     config = next(item for item in resources if item["kind"] == "ConfigMap")["data"]
     cronjob = next(item for item in resources if item["kind"] == "CronJob")
     container = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
@@ -392,7 +393,7 @@ def check_compose_tools(engine: Engine, started: dict[str, tuple[str, int]], tim
 def check_graceful_stop(engine: Engine, container: str, timings: Timings) -> None:
     """SIGTERM, then the time Kubernetes would give the pod (deploy/k8s) before killing it."""
     deployment = next(
-        item for item in render(PROJECT_ROOT / "deploy" / "k8s" / "base") if item["kind"] == "Deployment"
+        item for item in kustomize(PROJECT_ROOT / "deploy" / "k8s" / "base") if item["kind"] == "Deployment"
     )
     grace = int(deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"])
     with timings.step("SIGTERM: the service drains and exits"):
@@ -444,9 +445,10 @@ def main() -> int:
     default_engine = "podman" if shutil.which("podman") else "docker"
     parser.add_argument("--engine", choices=["podman", "docker"], default=default_engine)
     args = parser.parse_args()
-    if shutil.which(args.engine) is None:
-        print(f"smoke: {args.engine} is not installed", file=sys.stderr)
-        return 2
+    for tool in (args.engine, "kubectl"):  # kubectl renders deploy/k8s, whose settings the runs copy
+        if shutil.which(tool) is None:
+            print(f"smoke: {tool} is not installed", file=sys.stderr)
+            return 2
 
     # SIGTERM (CI cancelling the job) unwinds like Ctrl-C, so the cleanup in `finally` runs.
     def terminate(signum: int, _frame: object) -> None:
@@ -457,7 +459,7 @@ def main() -> int:
     timings = Timings()
     try:
         smoke(engine, timings)
-    except (SmokeError, probes.ProbeError) as error:
+    except (SmokeError, probes.ProbeError, ManifestError) as error:
         print(f"\nsmoke test FAILED: {error}", file=sys.stderr)
         print(timings.report(), file=sys.stderr)
         return 1
