@@ -47,6 +47,7 @@ from serving.rest import (
     document_refusals,
     error_response,
     json_body,
+    limit_request_heads,
     model_info_route,
     openapi_info,
 )
@@ -300,3 +301,4 @@ class Tabserve:
 Tabserve.add_asgi_middleware(  # type: ignore[attr-defined]
     HttpLimits, max_body_bytes=settings.max_body_bytes, max_upload_bytes=settings.max_upload_bytes
 )
+limit_request_heads()

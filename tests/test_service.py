@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import socket
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import httpx
 import numpy as np
@@ -211,6 +215,47 @@ def test_malformed_json_wrong_content_type_and_oversized_body(
     assert huge.status_code == 413
     assert "over the limit" in huge.json()["error"]
     assert post(server, "/predict", records[0]).status_code == 200  # still serving
+
+
+def over_the_limit_in_chunks() -> Iterator[bytes]:
+    """A body with no Content-Length (chunked), past the body limit: only the bytes received can tell."""
+    piece = b" " * 65_536
+    for _ in range(MAX_BODY_BYTES // len(piece) + 2):
+        yield piece
+
+
+@pytest.mark.parametrize("endpoint", ["/predict", "/predict_batch"])
+def test_a_chunked_body_over_the_limit_gets_413(
+    server: Server, records: list[dict[str, float]], endpoint: str
+) -> None:
+    response = httpx.post(
+        f"{server.url}{endpoint}",
+        content=over_the_limit_in_chunks(),
+        headers={"content-type": "application/json"},
+        timeout=60,
+    )
+    assert response.status_code == 413
+    assert response.json() == {"error": f"request body is over the limit of {MAX_BODY_BYTES} bytes"}
+    assert post(server, "/predict", records[0]).status_code == 200  # still serving
+
+
+def send_head(server: Server, header_bytes: int) -> bytes:
+    """A request whose one header has `header_bytes` bytes, on a raw socket; the start of the answer."""
+    address = urlparse(server.url)
+    with socket.create_connection((address.hostname, address.port), timeout=30) as sock:
+        with contextlib.suppress(OSError):  # the server may close before it has read everything
+            sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * header_bytes + b"\r\n\r\n")
+        return sock.recv(4096)
+
+
+def test_a_huge_header_gets_431_at_once(server: Server) -> None:
+    started = time.monotonic()
+    for size in [80_000, 4_000_000]:  # one that arrives whole, one refused as it arrives
+        answer = send_head(server, size)
+        assert answer.startswith(b"HTTP/1.1 431 "), (size, answer[:100])
+        assert b"request line and headers are over the limit of 65536 bytes" in answer
+    assert time.monotonic() - started < 10
+    assert send_head(server, 30_000).startswith(b"HTTP/1.1 200 ")  # large headers within the limit pass
 
 
 def test_a_refused_request_writes_no_traceback(server: Server, records: list[dict[str, float]]) -> None:
