@@ -1,6 +1,6 @@
 """The BentoML services: typed, adaptively batched predictions from the champion in the BentoML store.
 
-    bentoml serve        # HTTP and OIP REST on :3000 (OpenAPI docs at /docs), OIP gRPC on :3001
+    bentoml serve        # HTTP and OIP REST on :3000 (OpenAPI page at /, spec /docs.json), OIP gRPC on :3001
 
 - `Tabserve` owns the transports: BentoML HTTP APIs typed from the stored feature schema, the Open
   Inference Protocol over REST (mounted at /v2) and over gRPC (its own server, started with the service).
@@ -16,14 +16,15 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
-from http import HTTPStatus
 from typing import Annotated, Any
 
 import aiohttp
+import attrs
 import bentoml
 import numpy as np
 import orjson
-from bentoml.exceptions import BentoMLException, ServiceUnavailable
+from bentoml._internal.service.openapi.specification import OpenAPISpecification
+from bentoml.exceptions import ServiceUnavailable
 from fastapi import FastAPI
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
@@ -40,7 +41,16 @@ from serving.metrics import export_latest_drift, serving_metrics
 from serving.model import InProcessModel, RowPredictor
 from serving.oip.grpc_server import GrpcServer, check_port_free, start_grpc_server
 from serving.predlog import PredictionLog
-from serving.rest import HttpLimits, model_info_route
+from serving.rest import (
+    HttpLimits,
+    InvalidBody,
+    document_refusals,
+    error_response,
+    json_body,
+    limit_request_heads,
+    model_info_route,
+    openapi_info,
+)
 from serving.shutdown import CallTracker, Resume, intercept_sigterm
 from settings import get_settings
 
@@ -140,8 +150,21 @@ extra_routes = FastAPI(
 )
 
 
+class DescribedService(bentoml.Service[Any]):
+    """A service whose OpenAPI page describes it and its model: BentoML titles it with placeholder text
+    (version "None", links to its own Slack) unless it is served from a bento, and then with the bento's; and
+    it documents its APIs' error bodies wrongly."""
+
+    @property
+    def openapi_spec(self) -> OpenAPISpecification:
+        spec = attrs.evolve(super().openapi_spec, info=openapi_info(champion))
+        document_refusals(spec)
+        return spec
+
+
 @bentoml.service(
     name="tabserve",
+    service_class=DescribedService,
     workers=settings.api_workers,
     traffic={"timeout": 60},
     logging={"access": {"enabled": settings.access_log}},
@@ -260,27 +283,33 @@ class Tabserve:
     # The APIs answer with a ready JSON Response, which BentoML sends as it is; the return annotations
     # give the schema of that JSON to the OpenAPI page. Rebuilding pydantic models from answers the data
     # plane has just made, for BentoML to serialize them again, cost a third of a 1,000-row request.
-    @bentoml.api(route="/predict")
-    async def predict(self, record: Record, /) -> Prediction:  # type: ignore[valid-type]
+    # Their bodies are parsed by serving.rest.json_body, which hands a body that fails to the method.
+    @bentoml.api(route="/predict", input_spec=json_body(Record, "Record"))
+    async def predict(self, record: Record | InvalidBody, /) -> Prediction:  # type: ignore[valid-type]
         """One record, keyed by the training column names."""
-        [answer] = await self._predict([record], "/predict")
-        return Response(orjson.dumps(answer), media_type="application/json")  # type: ignore[return-value]
+        body = record if isinstance(record, InvalidBody) else [record]
+        return await self._predict(body, "/predict", one_record=True)  # type: ignore[return-value]
 
-    @bentoml.api(route="/predict_batch")
-    async def predict_batch(self, records: Records, /) -> list[Prediction]:
+    @bentoml.api(route="/predict_batch", input_spec=json_body(Records, "Records"))
+    async def predict_batch(self, records: Records | InvalidBody, /) -> list[Prediction]:
         """A JSON list of records; one answer per record, in order."""
-        answers = await self._predict(records, "/predict_batch")
-        return Response(orjson.dumps(answers), media_type="application/json")  # type: ignore[return-value]
+        return await self._predict(records, "/predict_batch", one_record=False)  # type: ignore[return-value]
 
-    async def _predict(self, records: list[Any], endpoint: str) -> list[dict[str, Any]]:
+    async def _predict(
+        self, records: list[Any] | InvalidBody, endpoint: str, *, one_record: bool
+    ) -> Response:
+        if isinstance(records, InvalidBody):
+            return records.response()
         try:
             batch = await self.plane.predict_rows(self.plane.rows_from_records(records), "http", endpoint)
         except ServingError as error:
             self.plane.refused(error, "http")
-            raise BentoMLException(error.message, error_code=HTTPStatus(error.status)) from None
-        return self.plane.responses(batch)
+            return error_response(error)
+        answers = self.plane.responses(batch)
+        return Response(orjson.dumps(answers[0] if one_record else answers), media_type="application/json")
 
 
 Tabserve.add_asgi_middleware(  # type: ignore[attr-defined]
     HttpLimits, max_body_bytes=settings.max_body_bytes, max_upload_bytes=settings.max_upload_bytes
 )
+limit_request_heads()

@@ -266,13 +266,22 @@ def _chunks(
                 yield batch.slice(offset, chunk_rows)
     except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as exc:
         raise BadInputError(_arrow_message(source, exc, plane.feature_names), "unreadable_file") from None
+    except UnicodeDecodeError:  # pyarrow decodes the CSV header's column names in Python
+        raise BadInputError(
+            f"could not read the uploaded {source.value.upper()} file: its header is not UTF-8 text "
+            "(is it a CSV or Parquet table?)",
+            "unreadable_file",
+        ) from None
 
 
 def _check_columns(plane: DataPlane, columns: list[str]) -> None:
     missing = [name for name in plane.feature_names if name not in columns]
     unknown = [name for name in columns if name not in plane.feature_names]
-    if missing or unknown:
+    repeated = sorted({name for name in columns if columns.count(name) > 1})
+    if missing or unknown or repeated:
         problems = []
+        if repeated:
+            problems.append(f"repeated column(s) {', '.join(map(repr, repeated))}")
         if missing:
             problems.append(f"missing column(s) {', '.join(map(repr, missing))}")
         if unknown:

@@ -60,7 +60,8 @@ def routes(current_plane: Callable[[], DataPlane]) -> list[Route]:
         try:
             plane.check_model(request.path_params["model"], request.path_params.get("version"))
             header_length = request.headers.get(HEADER_LENGTH)
-            if header_length is not None and not header_length.isdigit():
+            # isdigit() alone accepts digits int() refuses, such as '²'.
+            if header_length is not None and not (header_length.isascii() and header_length.isdigit()):
                 raise BadInputError(
                     f"{HEADER_LENGTH} must be a byte count, got '{header_length}'", "binary_length"
                 )

@@ -1,26 +1,39 @@
-"""What the HTTP transport needs beyond BentoML's `@bentoml.api` methods (which are POST-only and parse
-the body before user code runs): `GET /model`, and a middleware that refuses what the endpoints cannot take
-before any parsing (wrong content type: 415; body over the limit: 413) and times and counts requests.
+"""What the HTTP transport needs beyond BentoML's `@bentoml.api` methods: `GET /model`; the JSON bodies of
+those methods parsed and refused here, one clear 400 per bad body (`json_body`); a middleware that refuses
+what no endpoint can take before any parsing (wrong content type: 415; a body over the limit, counted as it
+arrives: 413) and times and counts requests; and a limit on the size of a request's head (431).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 import orjson
+import uvicorn.protocols.http.auto
+from _bentoml_sdk.io_models import IODescriptor, IORootModel
+from bentoml._internal.service.openapi.specification import Info, OpenAPISpecification
 from fastapi.routing import APIRoute
+from pydantic import TypeAdapter, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from models.store import StoredModel
 from serving.dataplane import DataPlane
+from serving.errors import ServingError
 from serving.metrics import refusals_of_this_request, serving_metrics
 
 Scope = dict[str, Any]
 JSON_ENDPOINTS = frozenset({"/predict", "/predict_batch"})
 UPLOAD_ENDPOINT = "/predict_file"
 TIMED_ENDPOINTS = JSON_ENDPOINTS | {UPLOAD_ENDPOINT}
+# The request line and headers together; browsers and proxies send a few KiB (nginx allows 32 KiB).
+MAX_HEAD_BYTES = 64 * 1024
+# Problems named in a refused body's "error" text and listed in its "detail".
+NAMED_PROBLEMS = 5
+LISTED_PROBLEMS = 100
 
 
 class HttpLimits:
@@ -30,13 +43,27 @@ class HttpLimits:
         self.max_upload_bytes = max_upload_bytes
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        path = scope.get("path", "")
-        if scope["type"] != "http" or path not in TIMED_ENDPOINTS:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        path = scope.get("path", "")
+        if path not in TIMED_ENDPOINTS:
+            # Any other route that takes a body (OIP REST's infer): the same body limit; it times itself.
+            refusal = self._declared_too_large(path, scope)
+            if refusal is None:
+                body, refusal = await self._read_body(receive, self.max_body_bytes)
+            if refusal is not None:
+                await _send_error(send, *refusal)
+                transport = "oip_rest" if path.startswith("/v2/") else "http"
+                serving_metrics().validation_errors.labels(transport=transport, reason=refusal[2]).inc()
+                return
+            await self.app(scope, _replaying(body, receive), send)
+            return
         started = time.perf_counter()
-        headers = {key.decode("latin-1"): value.decode("latin-1") for key, value in scope["headers"]}
-        refusal = self._refusal(path, headers)
+        refusal = self._declared_too_large(path, scope) or self._wrong_media_type(path, scope)
+        if refusal is None and path in JSON_ENDPOINTS:
+            body, refusal = await self._read_body(receive, self.max_body_bytes)
+            receive = _replaying(body, receive)
         status_seen: list[int] = []
 
         async def send_and_watch(message: dict[str, Any]) -> None:
@@ -56,16 +83,55 @@ class HttpLimits:
             metrics.validation_errors.labels(transport="http", reason=reason).inc()
         metrics.request_seconds.labels(transport="http", endpoint=path).observe(time.perf_counter() - started)
 
-    def _refusal(self, path: str, headers: dict[str, str]) -> tuple[int, str, str] | None:
-        length = headers.get("content-length", "")
+    def _declared_too_large(self, path: str, scope: Scope) -> tuple[int, str, str] | None:
+        length = _header(scope, b"content-length")
         limit = self.max_upload_bytes if path == UPLOAD_ENDPOINT else self.max_body_bytes
-        if length.isdigit() and int(length) > limit:
+        if length.isascii() and length.isdigit() and int(length) > limit:
             return 413, f"request body of {length} bytes is over the limit of {limit}", "body_too_large"
-        media_type = headers.get("content-type", "").split(";")[0].strip().lower()
+        return None
+
+    @staticmethod
+    def _wrong_media_type(path: str, scope: Scope) -> tuple[int, str, str] | None:
+        media_type = _header(scope, b"content-type").split(";")[0].strip().lower()
         if path in JSON_ENDPOINTS and media_type != "application/json":
             shown = media_type or "none"
             return 415, f"Content-Type must be application/json, got {shown}", "unsupported_media_type"
         return None
+
+    @staticmethod
+    async def _read_body(receive: Any, limit: int) -> tuple[bytes, tuple[int, str, str] | None]:
+        """The whole body, read before the app runs, counting the bytes that arrive: a chunked body declares
+        no length, and the app would read all of it."""
+        pieces: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                break
+            pieces.append(message.get("body", b""))
+            size += len(pieces[-1])
+            if size > limit:
+                return b"", (413, f"request body is over the limit of {limit} bytes", "body_too_large")
+            if not message.get("more_body", False):
+                break
+        return b"".join(pieces), None
+
+
+def _header(scope: Scope, name: bytes) -> str:
+    for key, value in scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
+    return ""
+
+
+def _replaying(body: bytes, receive: Any) -> Any:
+    """A `receive` that gives the app the body already read, then waits on the client as usual."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replay() -> dict[str, Any]:
+        return pending.pop() if pending else await receive()
+
+    return replay
 
 
 async def _send_error(send: Any, status: int, message: str, _reason: str) -> None:
@@ -99,3 +165,194 @@ def model_info_route(current_plane: Callable[[], DataPlane]) -> APIRoute:
             }
         },
     )
+
+
+def openapi_info(model: StoredModel) -> Info:
+    """The OpenAPI page's title, version and description: this service and the model it serves."""
+    metadata, labels = model.metadata, model.labels
+    metric = metadata["metric"]
+    classes = ", ".join(map(str, model.classes)) if model.classes else None
+    description = f"""\
+Predictions of **{model.name}** ({model.task.value}{f": {classes}" if classes else ""}), a scikit-learn \
+pipeline (`{metadata["estimator"]}`) served with BentoML. Every answer names the model version, its MLflow \
+run and its training-data digest.
+
+| model | |
+| --- | --- |
+| BentoML tag | `{model.tag}` |
+| MLflow registered model | `{labels["registered_model"]}` version {labels["registered_version"]} \
+(alias `{labels["alias"]}`) |
+| MLflow run | `{labels["mlflow_run_id"]}` |
+| training data digest | `{metadata["dataset_digest"]}` |
+| held-out {metric} | {metadata["test_metrics"][metric]:.4f} |
+| trained at | {metadata["trained_at"]} |
+
+`/predict` takes one record keyed by the training column names, `/predict_batch` a list of them,
+`/predict_file` a CSV or Parquet table; `GET /model` describes the model. The Open Inference Protocol (KServe
+v2) is served at `/v2` over REST and on the gRPC port. A refused request gets a 4xx whose JSON body's
+`error` names each field and its problem."""
+    return Info(title=f"tabserve: {model.name}", version=model.version, description=description)
+
+
+# The 400 body of the JSON APIs as `InvalidBody` and `error_response` write it; BentoML documents its own
+# (whose "detail" it says is a string), under this name, for every API.
+REFUSAL_SCHEMA: Final = {
+    "type": "object",
+    "title": "InvalidArgument",
+    "required": ["error"],
+    "properties": {
+        "error": {"type": "string", "description": "what was wrong with the request, field by field"},
+        "detail": {
+            "type": "array",
+            "description": "each problem: where (a field name, or a record's index and field name), what",
+            "items": {
+                "type": "object",
+                "required": ["loc", "msg", "type"],
+                "properties": {
+                    "loc": {"type": "array", "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]}},
+                    "msg": {"type": "string"},
+                    "type": {"type": "string"},
+                },
+            },
+        },
+    },
+}
+_REFUSAL = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/InvalidArgument"}}}}
+JSON_REFUSALS: Final = {
+    413: {"description": "The body is over TABSERVE_MAX_BODY_BYTES", **_REFUSAL},
+    415: {"description": "The Content-Type is not application/json", **_REFUSAL},
+    503: {"description": "The model is overloaded: retry later", **_REFUSAL},
+}
+
+
+def document_refusals(spec: OpenAPISpecification) -> None:
+    """What the JSON APIs answer when they refuse a request, in the OpenAPI spec BentoML generated: the body
+    as it is, the status codes of HttpLimits and of the data plane, and that a body is required."""
+    assert isinstance(spec.components, dict)  # generate_spec passes a plain dict of schemas
+    spec.components["schemas"]["InvalidArgument"] = REFUSAL_SCHEMA
+    for path in JSON_ENDPOINTS:
+        operation = spec.paths[path].post
+        assert isinstance(operation, dict)  # as BentoML builds its APIs' operations
+        operation["responses"].update(JSON_REFUSALS)
+        operation["requestBody"]["required"] = True
+
+
+def error_response(error: ServingError) -> Response:
+    return Response(
+        orjson.dumps({"error": error.message}), status_code=error.status, media_type="application/json"
+    )
+
+
+# ---- JSON bodies of the BentoML APIs ----------------------------------------------------------------------
+
+
+class InvalidBody:
+    """What a `json_body` input hands its API method in place of the value when the body is not one."""
+
+    def __init__(self, error: ValidationError) -> None:
+        self.error = error
+
+    def response(self) -> Response:
+        problems = self.error.errors(include_url=False, include_context=False, include_input=False)
+        named = "; ".join(f"{_where(p['loc'])}{p['msg']}" for p in problems[:NAMED_PROBLEMS])
+        more = len(problems) - NAMED_PROBLEMS
+        body = {
+            "error": f"invalid request body: {named}" + (f"; and {more} more" if more > 0 else ""),
+            "detail": [
+                {"loc": p["loc"], "msg": p["msg"], "type": p["type"]} for p in problems[:LISTED_PROBLEMS]
+            ],
+        }
+        return Response(orjson.dumps(body), status_code=400, media_type="application/json")
+
+
+def _where(loc: tuple[int | str, ...]) -> str:
+    """('mean radius',) -> "'mean radius': "; (3, 'mean radius') -> "record 3, 'mean radius': " (records
+    counted from 0, as the list's indices); () -> "" (the body as a whole, e.g. JSON that does not parse)."""
+    parts = [f"record {part}" if isinstance(part, int) else repr(part) for part in loc]
+    return f"{', '.join(parts)}: " if parts else ""
+
+
+def json_body(value_type: Any, title: str) -> type[IODescriptor]:
+    """The input spec of a `@bentoml.api` whose body is one JSON value of `value_type`: the OpenAPI schema
+    BentoML gives that type, but the body parsed and validated here in one pass by pydantic's JSON parser,
+    and a body that fails handed to the method as an `InvalidBody` to answer.
+
+    BentoML's own parsing of a list body uses `json.loads`, whose errors (truncated JSON, bad UTF-8, a
+    5,000-digit number, deep nesting) escape as 500s; its 400s are headed with internal class names ("30
+    validation error for RecordIODescriptor"); and it logs a traceback for every refused request."""
+    adapter: TypeAdapter[Any] = TypeAdapter(value_type)
+
+    class JsonBody(IORootModel[value_type]):
+        __root_input__ = True  # the body is the value itself, not an object of named arguments
+
+        @classmethod
+        async def from_http_request(cls, request: Request, _serde: Any) -> IODescriptor:
+            try:
+                value = adapter.validate_json(await request.body())
+            except ValidationError as error:
+                value = InvalidBody(error)
+            return cls.model_construct(root=value)
+
+    JsonBody.__name__ = JsonBody.__qualname__ = title
+    return JsonBody
+
+
+# ---- the request head -------------------------------------------------------------------------------------
+
+
+class HeadLimitedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a limit on a request's head (request line and headers): httptools
+    buffers a head of any size (a 128 MB header was read for 21 s, then answered 200). uvicorn's h11
+    protocol has such a limit, but uvicorn picks httptools when it is installed, and BentoML passes uvicorn
+    no option to choose. A head over MAX_HEAD_BYTES gets 431 and the connection closes: as soon as that many
+    bytes have come without the head being complete, or once a head that came whole is parsed."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head_bytes: int | None = None  # bytes received since the request began; None: head complete
+        self._head_too_large = False
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_bytes = 0
+
+    def on_headers_complete(self) -> None:
+        self._head_bytes = None
+        if len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers) > MAX_HEAD_BYTES:
+            # Raised from a parser callback, this stops the parser; uvicorn answers with send_400_response.
+            self._head_too_large = True
+            raise HeadTooLargeError
+        super().on_headers_complete()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._head_bytes is None or self.transport.is_closing():
+            return
+        self._head_bytes += len(data)
+        if self._head_bytes > MAX_HEAD_BYTES:
+            self._head_too_large = True
+            self.send_400_response("")
+
+    def send_400_response(self, msg: str) -> None:
+        if not self._head_too_large:
+            super().send_400_response(msg)
+            return
+        body = orjson.dumps(
+            {"error": f"request line and headers are over the limit of {MAX_HEAD_BYTES} bytes"}
+        )
+        self.transport.write(
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+            + b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body)
+            + body
+        )
+        self.transport.close()
+
+
+class HeadTooLargeError(Exception):
+    pass
+
+
+def limit_request_heads() -> None:
+    """Make uvicorn, which BentoML's workers start after importing the service, serve HTTP/1.1 with
+    `HeadLimitedHttpToolsProtocol`: uvicorn resolves its protocol by this name when its config loads."""
+    uvicorn.protocols.http.auto.AutoHTTPProtocol = HeadLimitedHttpToolsProtocol

@@ -15,6 +15,8 @@ import httpx
 import numpy as np
 import pandas as pd
 import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from models.data import load_default
@@ -109,6 +111,18 @@ def test_parquet_form_upload_with_parquet_json_and_csv_answers(
     assert_same_predictions(pd.read_csv(io.BytesIO(parquet_to_csv.content)), expected)
 
 
+def repeated_column_csv(head: pd.DataFrame) -> bytes:
+    return as_csv(head).replace(b"mean texture", b"mean radius", 1)
+
+
+def repeated_column_parquet(head: pd.DataFrame) -> bytes:
+    table = pa.Table.from_pandas(head, preserve_index=False)
+    table = table.append_column("mean radius", table.column("mean radius"))
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    return buffer.getvalue()
+
+
 def bad_cases(table: pd.DataFrame) -> list[tuple[str, bytes, dict[str, str], dict[str, str], int, str]]:
     head = table.head(30)
     infinite = head.copy()
@@ -132,6 +146,16 @@ def bad_cases(table: pd.DataFrame) -> list[tuple[str, bytes, dict[str, str], dic
             "missing column(s) 'mean radius'",
         ),
         ("unknown column", as_csv(head.assign(id=1)), CSV, {}, 400, "unknown column(s) 'id'"),
+        ("repeated column", repeated_column_csv(head), CSV, {}, 400, "repeated column(s) 'mean radius'"),
+        (
+            "repeated column in parquet",
+            repeated_column_parquet(head),
+            CSV,
+            {},
+            400,
+            "repeated column(s) 'mean radius'",
+        ),
+        ("header not UTF-8", b"\x89PNG,b\n1,2\n", CSV, {}, 400, "its header is not UTF-8 text"),
         ("infinity", as_csv(infinite), CSV, {}, 400, "'mean area': Infinity is not allowed (row 18)"),
         ("missing value", as_csv(missing), CSV, {}, 400, "'worst symmetry': missing value (NaN)"),
         ("corrupt parquet", b"PAR1" + b"\0" * 64, CSV, {}, 400, "could not read the uploaded PARQUET file"),
@@ -157,6 +181,13 @@ def test_bad_files_get_a_clear_4xx_and_the_server_keeps_serving(server: Server, 
     )
     assert no_file.status_code == 400
     assert "no file in its 'file' field" in no_file.json()["error"]
+    png = httpx.post(
+        f"{server.url}/predict_file",
+        files={"file": ("x.png", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "image/png")},
+        timeout=30,
+    )
+    assert png.status_code == 400
+    assert "its header is not UTF-8 text" in png.json()["error"]
     assert upload(server, as_csv(table.head(3))).status_code == 200
 
 

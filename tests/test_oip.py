@@ -393,6 +393,18 @@ REST_CASES: dict[str, tuple[bytes, int | None, str, list[str]]] = {
         ["'x'", "'FLOAT'"],
     ),
     "bf16": (rest_body({"inputs": [{**fp64_input(), "datatype": "BF16"}]}), None, "tensor_datatype", ["'x'"]),
+    "datatype-list": (
+        rest_body({"inputs": [{**fp64_input(), "datatype": ["FP64"]}]}),
+        None,
+        "tensor_datatype",
+        ["'x'", "['FP64']"],
+    ),
+    "datatype-object": (
+        rest_body({"inputs": [{**fp64_input(), "datatype": {"a": 1}}]}),
+        None,
+        "tensor_datatype",
+        ["'x'", "{'a': 1}"],
+    ),
     "shape-product": (
         rest_body({"inputs": [fp64_input(shape=[3])]}),
         None,

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import socket
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import httpx
 import numpy as np
@@ -119,17 +123,57 @@ def test_invalid_records_get_400_naming_the_field(
         f"{server.url}/predict", content=make_body(records[0]), headers={"content-type": "application/json"}
     )
     assert response.status_code == 400, case
-    [error] = response.json()["detail"]
+    body = response.json()
+    [error] = body["detail"]
     assert error["loc"] == loc
     assert problem in error["msg"]
+    assert body["error"] == f"invalid request body: '{loc[0]}': {error['msg']}"
+
+
+def test_the_400_names_every_wrong_field_without_internal_names(server: Server) -> None:
+    response = httpx.post(f"{server.url}/predict", json={"mean radius": "big"}, timeout=60)
+    assert response.status_code == 400
+    body = response.json()
+    assert body["error"].startswith(
+        "invalid request body: 'mean radius': Input should be a valid number; 'mean texture': Field required;"
+    )
+    assert body["error"].endswith("; and 25 more")  # 30 problems: 5 named, all 30 listed
+    assert len(body["detail"]) == 30
+    assert "IODescriptor" not in response.text
+    assert "validation error for" not in response.text
+    assert "errors.pydantic.dev" not in response.text
 
 
 def test_batch_errors_name_the_row_and_the_field(server: Server, records: list[dict[str, float]]) -> None:
     bad = [records[0], {**records[1], "mean area": "large"}]
     response = post(server, "/predict_batch", bad)
     assert response.status_code == 400
-    [error] = response.json()["detail"]
-    assert error["loc"] == ["root", 1, "mean area"]  # BentoML wraps a list body in a root model
+    body = response.json()
+    [error] = body["detail"]
+    assert error["loc"] == [1, "mean area"]  # the record's index in the list, then the field
+    assert body["error"] == "invalid request body: record 1, 'mean area': Input should be a valid number"
+
+
+# Bodies that BentoML's own parsing of a list (json.loads) answered with 500.
+MALFORMED_BODIES = {
+    "truncated": (b"[", "EOF while parsing"),
+    "NUL byte": (b"\x00", "expected value"),
+    "not UTF-8": (b'[{"\xff":1}]', "invalid unicode"),
+    "5,000-digit integer": (b"1" * 5000, "number out of range"),
+    "3,000 nested arrays": (b"[" * 3000 + b"]" * 3000, "recursion limit exceeded"),
+}
+
+
+@pytest.mark.parametrize("endpoint", ["/predict", "/predict_batch"])
+@pytest.mark.parametrize("case", MALFORMED_BODIES)
+def test_malformed_json_is_400_on_both_json_endpoints(server: Server, endpoint: str, case: str) -> None:
+    body, problem = MALFORMED_BODIES[case]
+    response = httpx.post(
+        f"{server.url}{endpoint}", content=body, headers={"content-type": "application/json"}, timeout=60
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"].startswith("invalid request body: Invalid JSON: ")
+    assert problem in response.json()["error"]
 
 
 @pytest.mark.parametrize(
@@ -137,7 +181,7 @@ def test_batch_errors_name_the_row_and_the_field(server: Server, records: list[d
     [
         ([], 400, "at least 1 item"),
         ("too many", 400, f"at most {MAX_BATCH_RECORDS} items"),
-        ({"not": "a list"}, 400, "valid list"),
+        ({"not": "a list"}, 400, "Input should be a valid array"),
     ],
 )
 def test_batch_size_limits(
@@ -171,6 +215,64 @@ def test_malformed_json_wrong_content_type_and_oversized_body(
     assert huge.status_code == 413
     assert "over the limit" in huge.json()["error"]
     assert post(server, "/predict", records[0]).status_code == 200  # still serving
+
+
+def over_the_limit_in_chunks() -> Iterator[bytes]:
+    """A body with no Content-Length (chunked), past the body limit: only the bytes received can tell."""
+    piece = b" " * 65_536
+    for _ in range(MAX_BODY_BYTES // len(piece) + 2):
+        yield piece
+
+
+@pytest.mark.parametrize("endpoint", ["/predict", "/predict_batch"])
+def test_a_chunked_body_over_the_limit_gets_413(
+    server: Server, records: list[dict[str, float]], endpoint: str
+) -> None:
+    response = httpx.post(
+        f"{server.url}{endpoint}",
+        content=over_the_limit_in_chunks(),
+        headers={"content-type": "application/json"},
+        timeout=60,
+    )
+    assert response.status_code == 413
+    assert response.json() == {"error": f"request body is over the limit of {MAX_BODY_BYTES} bytes"}
+    assert post(server, "/predict", records[0]).status_code == 200  # still serving
+
+
+def send_head(server: Server, header_bytes: int) -> bytes:
+    """A request whose one header has `header_bytes` bytes, on a raw socket; the start of the answer."""
+    address = urlparse(server.url)
+    with socket.create_connection((address.hostname, address.port), timeout=30) as sock:
+        with contextlib.suppress(OSError):  # the server may close before it has read everything
+            sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * header_bytes + b"\r\n\r\n")
+        return sock.recv(4096)
+
+
+def test_a_huge_header_gets_431_at_once(server: Server) -> None:
+    started = time.monotonic()
+    for size in [80_000, 4_000_000]:  # one that arrives whole, one refused as it arrives
+        answer = send_head(server, size)
+        assert answer.startswith(b"HTTP/1.1 431 "), (size, answer[:100])
+        assert b"request line and headers are over the limit of 65536 bytes" in answer
+    assert time.monotonic() - started < 10
+    assert send_head(server, 30_000).startswith(b"HTTP/1.1 200 ")  # large headers within the limit pass
+
+
+def test_a_refused_request_writes_no_traceback(server: Server, records: list[dict[str, float]]) -> None:
+    before = server.output_text().count("Traceback")
+    for endpoint, body in [
+        ("/predict", b"{"),
+        ("/predict", json.dumps({"mean radius": "big"}).encode()),
+        ("/predict_batch", b"["),
+        ("/predict_batch", json.dumps([{**records[0], "colour": "red"}]).encode()),
+    ]:
+        response = httpx.post(
+            f"{server.url}{endpoint}", content=body, headers={"content-type": "application/json"}, timeout=60
+        )
+        assert response.status_code == 400
+    assert post(server, "/predict", records[0]).status_code == 200
+    time.sleep(1)  # the workers' log lines reach the output file
+    assert server.output_text().count("Traceback") == before
 
 
 def test_32_concurrent_clients_all_succeed_and_are_batched(
@@ -249,6 +351,26 @@ def test_openapi_documents_the_record_by_column_name(server: Server) -> None:
     paths = httpx.get(f"{server.url}/docs.json", timeout=30).json()["paths"]
     assert "text/csv" in paths["/predict_file"]["post"]["requestBody"]["content"]
     assert "get" in paths["/model"]
+
+
+def test_openapi_page_describes_this_service_and_its_model(server: Server, stored: StoredModel) -> None:
+    spec = httpx.get(f"{server.url}/docs.json", timeout=30).json()
+    info = spec["info"]
+    assert info["title"] == "tabserve: breast_cancer"
+    assert info["version"] == stored.version
+    for fact in [stored.tag, stored.labels["mlflow_run_id"], stored.metadata["dataset_digest"], "benign"]:
+        assert fact in info["description"]
+    assert "Slack" not in json.dumps(info)
+    assert "contact" not in info
+    # The refusals as they are: the body's detail is a list, and the middleware's status codes are listed.
+    detail = spec["components"]["schemas"]["InvalidArgument"]["properties"]["detail"]
+    assert detail["type"] == "array"
+    assert {"400", "413", "415", "503"} <= set(spec["paths"]["/predict_batch"]["post"]["responses"])
+    # BentoML serves its Swagger UI at the root; /docs is no page.
+    page = httpx.get(f"{server.url}/", timeout=30)
+    assert page.status_code == 200
+    assert "swagger" in page.text.lower()
+    assert httpx.get(f"{server.url}/docs", timeout=30).status_code == 404
 
 
 def test_serve_without_a_model_says_to_train(stores: Stores, tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 
 import grpc
 import httpx
@@ -18,7 +19,7 @@ from tritonclient.utils import InferenceServerException
 
 from models.data import load_default
 from models.store import StoredModel
-from tests.conftest import Server
+from tests.conftest import MAX_BODY_BYTES, Server
 
 ROWS = 16
 
@@ -142,6 +143,10 @@ BAD_OIP = {
     "wrong shape": ({"inputs": [tensor("rows", [2, 30], "FP64", [1.0] * 30)]}, "rows"),
     "wrong width": ({"inputs": [tensor("rows", [1, 3], "FP64", [1.0, 2.0, 3.0])]}, "30"),
     "unknown datatype": ({"inputs": [tensor("rows", [1, 30], "FP99", [1.0] * 30)]}, "FP99"),
+    "datatype not a string": (
+        {"inputs": [{**tensor("rows", [1, 30], "", [1.0] * 30), "datatype": {"a": 1}}]},
+        "{'a': 1}",
+    ),
     "text in a number tensor": (
         {"inputs": [tensor("rows", [1, 30], "BYTES", ["a"] * 30)]},
         "expected numbers",
@@ -160,6 +165,33 @@ def test_bad_oip_requests_get_400_naming_the_problem(server: Server, case: str) 
     response = httpx.post(f"{server.url}/v2/models/breast_cancer/infer", json=body, timeout=60)
     assert response.status_code == 400, response.text
     assert named in response.json()["error"]
+
+
+def test_inference_header_length_that_is_no_byte_count_gets_400(server: Server) -> None:
+    for value in ["\u00b2", "-1", "12a"]:  # '²' passes str.isdigit() but not int()
+        response = httpx.post(
+            f"{server.url}/v2/models/breast_cancer/infer",
+            content=b"{}",
+            headers={"Inference-Header-Content-Length": value.encode("latin-1")},
+            timeout=60,
+        )
+        assert response.status_code == 400, (value, response.text)
+        assert "inference-header-content-length must be a byte count" in response.json()["error"]
+
+
+def test_a_chunked_body_over_the_limit_gets_413(server: Server, features: np.ndarray) -> None:
+    def chunks() -> Iterator[bytes]:  # no Content-Length: only the bytes received can tell
+        piece = b" " * 65_536
+        for _ in range(MAX_BODY_BYTES // len(piece) + 2):
+            yield piece
+
+    for path in ["/v2/models/breast_cancer/infer", "/v2/models/breast_cancer/versions/1/infer"]:
+        response = httpx.post(f"{server.url}{path}", content=chunks(), timeout=60)
+        assert response.status_code == 413, path
+        assert response.json() == {"error": f"request body is over the limit of {MAX_BODY_BYTES} bytes"}
+    body = {"inputs": [tensor("rows", list(features.shape), "FP64", features.reshape(-1).tolist())]}
+    response = httpx.post(f"{server.url}/v2/models/breast_cancer/infer", json=body, timeout=60)
+    assert response.status_code == 200
 
 
 def test_mismatched_tensor_lengths_name_both(server: Server, names: list[str]) -> None:

@@ -341,7 +341,7 @@ def _tensor_name(entry: dict[str, Any], where: str, taken: set[str]) -> str:
 
 
 def _datatype(name: str, datatype: object) -> str:
-    if datatype not in DATATYPES:
+    if not isinstance(datatype, str) or datatype not in DATATYPES:  # a list or object is no datatype either
         raise BadInputError(
             f"input '{name}' has unsupported datatype {datatype!r}; "
             f"supported: {', '.join(sorted(DATATYPES))}",

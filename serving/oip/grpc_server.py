@@ -19,11 +19,12 @@ from typing import Any, Final, NoReturn, Protocol, TypeVar
 
 import grpc
 from google.protobuf import descriptor_pool
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from serving.errors import ServingError
+from serving.errors import BadInputError, ServingError
 from serving.oip import grpc_predict_v2_pb2 as pb
 from serving.oip import grpc_predict_v2_pb2_grpc as pb_grpc
 from serving.oip.codec import InferRequest, OutputTensor, decode_grpc_request, encode_grpc_response
@@ -31,7 +32,8 @@ from serving.oip.codec import InferRequest, OutputTensor, decode_grpc_request, e
 logger = logging.getLogger(__name__)
 
 TRANSPORT: Final = "grpc"
-SERVICE_NAME: Final = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+SERVICE: Final = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+SERVICE_NAME: Final = SERVICE.full_name
 HEALTH_SERVICE_NAME: Final = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 # A batch of thousands of rows of tens of features is a few MiB; gRPC's default limit is 4 MiB.
 MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
@@ -63,18 +65,21 @@ class GrpcBindError(RuntimeError):
     pass
 
 
-_Request = TypeVar("_Request")
+_Request = TypeVar("_Request", bound=Message)
 _Response = TypeVar("_Response")
 _Handler = Callable[["InferenceServicer", _Request, Any], Awaitable[_Response]]
+_RawHandler = Callable[["InferenceServicer", bytes, Any], Awaitable[_Response]]
 
 
-def _translating_errors(handler: _Handler[_Request, _Response]) -> _Handler[_Request, _Response]:
-    """ServingError -> its own status code, anything else -> INTERNAL: grpc would answer UNKNOWN."""
+def _translating_errors(handler: _Handler[_Request, _Response]) -> _RawHandler[_Response]:
+    """The request parsed from its bytes here (see `_add_inference_service`); ServingError -> its own status
+    code, anything else -> INTERNAL: grpc would answer UNKNOWN."""
+    request_type: type[_Request] = _message_class(SERVICE.methods_by_name[handler.__name__].input_type)
 
     @functools.wraps(handler)
-    async def translated(self: InferenceServicer, request: _Request, context: Any) -> _Response:
+    async def translated(self: InferenceServicer, request_bytes: bytes, context: Any) -> _Response:
         try:
-            return await handler(self, request, context)
+            return await handler(self, _parse(request_type, request_bytes), context)
         except ServingError as error:
             self.plane.refused(error, TRANSPORT)
             await _abort(context, grpc.StatusCode[error.grpc_code], error.message)
@@ -85,6 +90,36 @@ def _translating_errors(handler: _Handler[_Request, _Response]) -> _Handler[_Req
             )
 
     return translated
+
+
+def _message_class(descriptor: Any) -> Any:
+    return getattr(pb, descriptor.name)
+
+
+def _parse(request_type: type[_Request], data: bytes) -> _Request:
+    try:
+        return request_type.FromString(data)
+    except DecodeError:
+        raise BadInputError(
+            f"the request is not a valid protobuf {request_type.DESCRIPTOR.full_name} message",
+            "undecodable_message",
+        ) from None
+
+
+def _add_inference_service(servicer: InferenceServicer, server: Any) -> None:
+    """What the generated `add_GRPCInferenceServiceServicer_to_server` does, but with handlers that take the
+    request's raw bytes: grpc parses a request before any code of ours runs, and answers one that does not
+    parse with UNKNOWN ("Unexpected DecodeError"), which says nothing of the client's mistake."""
+    handlers = {
+        method.name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method.name),
+            request_deserializer=None,
+            response_serializer=_message_class(method.output_type).SerializeToString,
+        )
+        for method in SERVICE.methods
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 async def _abort(context: Any, code: grpc.StatusCode, message: str) -> NoReturn:
@@ -195,7 +230,7 @@ async def start_grpc_server(plane: DataPlane, host: str, port: int) -> GrpcServe
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ]
     )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(plane), server)
+    _add_inference_service(InferenceServicer(plane), server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     status = (
