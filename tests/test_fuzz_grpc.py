@@ -14,7 +14,7 @@ from collections import Counter
 import grpc
 import numpy as np
 import pytest
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import Message
 
 from models.data import load_default
 from serving.oip import grpc_predict_v2_pb2 as pb
@@ -25,10 +25,6 @@ from tests.conftest import Server
 SEED = 12
 CASES_PER_METHOD = 210
 SERVER_FAULTS = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
-# Issue #12 item 1, fixed separately: finite values this large overflow the pipeline's scaler
-# ("Input X contains infinity"), INTERNAL until that item lands. A bit flip in an exponent makes them:
-# such messages are not sent.
-OVERFLOWING = 1e300
 
 
 def valid_requests() -> dict[str, Message]:
@@ -64,19 +60,6 @@ def mutations(valid: bytes, rng: random.Random, count: int) -> list[bytes]:
     return messages
 
 
-def overflows_the_model(message: bytes) -> bool:
-    try:
-        request = pb.ModelInferRequest.FromString(message)
-    except DecodeError:
-        return False
-    for tensor, raw in zip(request.inputs, request.raw_input_contents, strict=False):
-        if tensor.datatype == "FP64" and len(raw) % 8 == 0:
-            values = np.frombuffer(raw, dtype="<f8")
-            if (np.abs(values[np.isfinite(values)]) > OVERFLOWING).any():
-                return True
-    return False
-
-
 def call_raw(channel: grpc.Channel, method: str, message: bytes) -> tuple[grpc.StatusCode, str]:
     # No serializers: the bytes go on the wire as they are, as a broken or hostile client would send them.
     stub = channel.unary_unary(f"/{SERVICE_NAME}/{method}")
@@ -101,9 +84,6 @@ def test_fuzzed_messages_get_client_errors_and_the_server_keeps_serving(server: 
             messages = mutations(valid.SerializeToString(), rng, CASES_PER_METHOD // 2)
             messages += mutations(infer_bytes, rng, CASES_PER_METHOD // 2)
             for message in messages:
-                if method == "ModelInfer" and overflows_the_model(message):
-                    codes["excluded: overflow"] += 1
-                    continue
                 code, details = call_raw(channel, method, message)
                 codes[code.name] += 1
                 if code in SERVER_FAULTS:
@@ -112,7 +92,6 @@ def test_fuzzed_messages_get_client_errors_and_the_server_keeps_serving(server: 
     elapsed = time.monotonic() - started
     print(f"gRPC fuzz: {len(requests) * CASES_PER_METHOD} messages in {elapsed:.1f} s: {dict(codes)}")
     assert not faults, f"{len(faults)} server faults, first: {faults[:3]}"
-    assert codes["excluded: overflow"] < CASES_PER_METHOD // 10
     assert codes["INVALID_ARGUMENT"] > 0  # the fuzzer did reach the decoding
     assert [output.name for output in after.outputs] == ["label", "probabilities"]
 
