@@ -165,12 +165,18 @@ def wait_ready(process: subprocess.Popen[str], url: str, output: Path, timeout: 
 def server(
     stores: Stores, default_model: subprocess.CompletedProcess[str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
-    """One real `bentoml serve` (HTTP + OIP REST + gRPC) on free loopback ports for the session."""
+    """One real `bentoml serve` (HTTP + OIP REST + gRPC) on free loopback ports for the session.
+
+    In a BentoML home of its own, linked to the session's model store: `bentoml serve` empties its home's
+    Prometheus folder when it starts, so another test's server in the same home would wipe its metrics."""
     port, grpc_port = free_port(), free_port()
     log_dir = tmp_path_factory.mktemp("prediction-log")
     reports_dir = tmp_path_factory.mktemp("reports")
     write_latest(reports_dir, LATEST_DRIFT)  # as `python -m drift report` leaves it, for /metrics
+    home = tmp_path_factory.mktemp("server-bentoml-home")
+    (home / "models").symlink_to(stores.bentoml_home / "models", target_is_directory=True)
     env = stores.env(
+        BENTOML_HOME=str(home),
         TABSERVE_GRPC_HOST="127.0.0.1",
         TABSERVE_GRPC_PORT=str(grpc_port),
         TABSERVE_PREDICTION_LOG_DIR=str(log_dir),
