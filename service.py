@@ -301,7 +301,8 @@ class Tabserve:
         if isinstance(records, InvalidBody):
             return records.response()
         try:
-            batch = await self.plane.predict_rows(self.plane.rows_from_records(records), "http", endpoint)
+            rows = self.plane.rows_from_records(records, in_a_list=not one_record)
+            batch = await self.plane.predict_rows(rows, "http", endpoint)
         except ServingError as error:
             self.plane.refused(error, "http")
             return error_response(error)

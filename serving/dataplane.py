@@ -165,12 +165,15 @@ class DataPlane:
 
     # ---- inputs -----------------------------------------------------------------------------------------
 
-    def rows_from_records(self, records: Sequence[BaseModel]) -> np.ndarray:
-        """Records already validated by the schema's request model (the HTTP APIs' input spec)."""
+    def rows_from_records(self, records: Sequence[BaseModel], in_a_list: bool = True) -> np.ndarray:
+        """Records already validated by the schema's request model (the HTTP APIs' input spec). Errors name
+        a record of a list by its index, from 0, as the request model's errors do."""
         values = self._record_values  # all of a record's fields in one call, in schema order
         rows: np.ndarray = np.array([values(record) for record in records], dtype=self._row_dtype)
         rows = rows.reshape(len(records), -1)  # with one feature, attrgetter gives values, not tuples
-        self._check_limits(rows)
+        self._check_limits(
+            rows, (lambda index, text: f"record {index}, {text}") if in_a_list else _unnumbered
+        )
         return rows
 
     def rows_from_columns(
@@ -185,16 +188,17 @@ class DataPlane:
             if all(array.dtype.kind in "fiu" for array in arrays):
                 matrix = np.column_stack(arrays).astype(np.float64, copy=False)
                 if not np.isinf(matrix).any() and not np.isnan(matrix[:, self._required_columns]).any():
-                    self._check_limits(matrix, first_row)
+                    self._check_limits(matrix, _file_rows(first_row))
                     return matrix
         validated = [_validated_column(f, columns[f.name], first_row) for f in self.schema.features]
         rows: np.ndarray = np.column_stack(validated).astype(self._row_dtype, copy=False)
-        self._check_limits(rows, first_row)
+        self._check_limits(rows, _file_rows(first_row))
         return rows
 
-    def _check_limits(self, rows: np.ndarray, first_row: int = 0) -> None:
+    def _check_limits(self, rows: np.ndarray, name_row: Callable[[int, str], str]) -> None:
         """Refuse finite numbers too large for the model (models/limits.py): they would fail the model call
-        that the request shares with others. NaN (missing) compares false and passes."""
+        that the request shares with others. NaN (missing) compares false and passes. `name_row` adds the
+        bad row to the message, as the transport counts its rows."""
         if not self._limited:
             return
         values = rows if len(self._limited) == rows.shape[1] else rows[:, self._limited]
@@ -202,12 +206,11 @@ class DataPlane:
         if beyond.any():
             row, column = (int(index) for index in np.argwhere(beyond)[0])
             feature = self.schema.features[self._limited[column]]
-            raise BadInputError(
+            problem = (
                 f"'{feature.name}': {float(values[row, column]):g} is beyond what the model takes "
-                f"(±{feature.limit:g}; training range [{feature.minimum:g}, {feature.maximum:g}]) "
-                f"(row {first_row + row + 1})",
-                "out_of_range",
+                f"(±{feature.limit:g}; training range [{feature.minimum:g}, {feature.maximum:g}])"
             )
+            raise BadInputError(name_row(row, problem), "out_of_range")
 
     # ---- prediction ---------------------------------------------------------------------------------------
 
@@ -357,6 +360,15 @@ def _validated_column(feature: Feature, values: Sequence[Any] | np.ndarray, firs
                 f"'{name}': expected strings (BYTES), got {type(cell).__name__}", "wrong_type"
             )
     return cells
+
+
+def _file_rows(first_row: int) -> Callable[[int, str], str]:
+    """Rows of tensors or of a file chunk, counted from 1 + `first_row`, as the other column errors count."""
+    return lambda index, problem: f"{problem} (row {first_row + index + 1})"
+
+
+def _unnumbered(_index: int, problem: str) -> str:
+    return problem
 
 
 def _describe(array: np.ndarray) -> str:
