@@ -33,14 +33,16 @@ from drift.summary import read_latest
 from models.errors import InputError
 from models.store import StoredModel
 from serving import oip_rest
+from serving.answered import AnsweredIndex
 from serving.coalesce import Coalescer, WaitTimeoutError
 from serving.dataplane import DataPlane
 from serving.errors import ServingError, UnavailableError
+from serving.feedback import FeedbackDesk, feedback_route
 from serving.files import predict_file_route
 from serving.metrics import export_latest_drift, serving_metrics
 from serving.model import InProcessModel, RowPredictor
 from serving.oip.grpc_server import GrpcServer, check_port_free, start_grpc_server
-from serving.predlog import PredictionLog
+from serving.predlog import JsonLinesLog
 from serving.rest import (
     HttpLimits,
     InvalidBody,
@@ -81,6 +83,11 @@ class Prediction(BaseModel):
     registered_version: str = Field(description="MLflow registered model version")
     mlflow_run_id: str
     data_digest: str = Field(description="digest of the training data (MLflow dataset digest)")
+    request_id: str = Field(
+        description="the request's id (X-Request-Id if the client sent one); with `row`, "
+        "what POST /feedback names this answer by"
+    )
+    row: int = Field(description="the record's index in its request, from 0")
 
 
 # Workaround for BentoML issue #5540: the client of a `bentoml.depends` service replaces its HTTP session
@@ -135,12 +142,18 @@ def current_plane() -> DataPlane:
     return plane
 
 
+def current_feedback() -> FeedbackDesk:
+    desk: FeedbackDesk = bentoml.get_current_service().feedback
+    return desk
+
+
 # Routes that BentoML's POST-only APIs cannot express. Mounted at the root (BentoML's own routes still come
 # first), since a mount at /v2 or /model would answer the bare path with a redirect. A FastAPI app, because
 # BentoML adds a mounted FastAPI app's routes to its OpenAPI page (the OIP routes are documented by the OIP).
 extra_routes = FastAPI(
     routes=[
         model_info_route(current_plane),
+        feedback_route(current_feedback, settings.feedback_max_items),
         predict_file_route(current_plane, settings.max_upload_bytes, settings.file_chunk_rows),
         *oip_rest.routes(current_plane),
     ],
@@ -179,7 +192,7 @@ class Tabserve:
 
     def __init__(self) -> None:
         metrics = serving_metrics()
-        self.log = PredictionLog(
+        self.log = JsonLinesLog(
             settings.log_dir,
             settings.prediction_log_max_bytes,
             settings.prediction_log_backups,
@@ -196,7 +209,22 @@ class Tabserve:
             self.model = InProcessModel(
                 RowPredictor(champion), settings.max_batch_rows, settings.max_latency_ms / 1000
             )
-        self.plane = DataPlane(champion, self._call_model, self.log, metrics)
+        self.answered = AnsweredIndex(
+            settings.log_dir,
+            settings.answered_retention_hours * 3600,
+            on_drop=metrics.feedback_dropped.labels(store="answered_index").inc,
+        )
+        self.plane = DataPlane(champion, self._call_model, self.log, metrics, self.answered)
+        self.feedback_log = JsonLinesLog(
+            settings.feedback_dir,
+            settings.prediction_log_max_bytes,
+            settings.prediction_log_backups,
+            on_drop=metrics.feedback_dropped.labels(store="feedback_log").inc,
+            stem="feedback",
+        )
+        self.feedback = FeedbackDesk(
+            self.plane, self.answered, self.feedback_log, metrics, settings.feedback_max_items
+        )
         self.grpc: GrpcServer | None = None
         self._grpc_stopped: asyncio.Future[None] | None = None
 
@@ -279,35 +307,52 @@ class Tabserve:
         if self.model is not None:
             self.model.close()
         self.log.close()
+        self.answered.close()
+        self.feedback_log.close()
 
     # The APIs answer with a ready JSON Response, which BentoML sends as it is; the return annotations
     # give the schema of that JSON to the OpenAPI page. Rebuilding pydantic models from answers the data
     # plane has just made, for BentoML to serialize them again, cost a third of a 1,000-row request.
     # Their bodies are parsed by serving.rest.json_body, which hands a body that fails to the method.
     @bentoml.api(route="/predict", input_spec=json_body(Record, "Record"))
-    async def predict(self, record: Record | InvalidBody, /) -> Prediction:  # type: ignore[valid-type]
-        """One record, keyed by the training column names."""
+    async def predict(self, record: Record | InvalidBody, /, ctx: bentoml.Context) -> Prediction:  # type: ignore[valid-type]
+        """One record, keyed by the training column names. A client may name the request (X-Request-Id);
+        the answer's `request_id` and `row` are what POST /feedback names the row by."""
         body = record if isinstance(record, InvalidBody) else [record]
-        return await self._predict(body, "/predict", one_record=True)  # type: ignore[return-value]
+        return await self._predict(body, "/predict", ctx, one_record=True)  # type: ignore[return-value]
 
     @bentoml.api(route="/predict_batch", input_spec=json_body(Records, "Records"))
-    async def predict_batch(self, records: Records | InvalidBody, /) -> list[Prediction]:
+    async def predict_batch(
+        self, records: Records | InvalidBody, /, ctx: bentoml.Context
+    ) -> list[Prediction]:
         """A JSON list of records; one answer per record, in order."""
-        return await self._predict(records, "/predict_batch", one_record=False)  # type: ignore[return-value]
+        return await self._predict(records, "/predict_batch", ctx, one_record=False)  # type: ignore[return-value]
 
     async def _predict(
-        self, records: list[Any] | InvalidBody, endpoint: str, *, one_record: bool
+        self, records: list[Any] | InvalidBody, endpoint: str, ctx: bentoml.Context, *, one_record: bool
+    ) -> Response:
+        response = await self._answer(records, endpoint, ctx.request.headers.get("x-request-id"), one_record)
+        # BentoML gives a method that takes the context the context's status, not its response's.
+        ctx.response.status_code = response.status_code
+        return response
+
+    async def _answer(
+        self, records: list[Any] | InvalidBody, endpoint: str, request_id: str | None, one_record: bool
     ) -> Response:
         if isinstance(records, InvalidBody):
             return records.response()
         try:
             rows = self.plane.rows_from_records(records, in_a_list=not one_record)
-            batch = await self.plane.predict_rows(rows, "http", endpoint)
+            batch = await self.plane.predict_rows(rows, "http", endpoint, request_id)
         except ServingError as error:
             self.plane.refused(error, "http")
             return error_response(error)
         answers = self.plane.responses(batch)
-        return Response(orjson.dumps(answers[0] if one_record else answers), media_type="application/json")
+        return Response(
+            orjson.dumps(answers[0] if one_record else answers),
+            media_type="application/json",
+            headers={"X-Request-Id": batch.request_id},
+        )
 
 
 Tabserve.add_asgi_middleware(  # type: ignore[attr-defined]

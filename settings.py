@@ -86,6 +86,16 @@ class Settings(BaseSettings):
         default=50 * 2**20, ge=1024, description="Size at which a log rotates."
     )
     prediction_log_backups: int = Field(default=20, ge=1, description="Rotated log files kept per worker.")
+    # Ground truth (serving/feedback.py).
+    feedback_log_dir: Path | None = Field(
+        default=None, description="Where POST /feedback writes labels. Default: <data_dir>/feedback."
+    )
+    feedback_max_items: int = Field(default=10_000, ge=1, description="Most labels in one POST /feedback.")
+    answered_retention_hours: float = Field(
+        default=24 * 30,
+        gt=0,
+        description="How long answered request ids are kept for POST /feedback to check labels against.",
+    )
     max_upload_bytes: int = Field(
         default=2 * 2**30, ge=1024, description="Largest file /predict_file accepts (413 above)."
     )
@@ -132,6 +142,10 @@ class Settings(BaseSettings):
     @property
     def log_dir(self) -> Path:
         return self.prediction_log_dir or self.data_dir / "predictions"
+
+    @property
+    def feedback_dir(self) -> Path:
+        return self.feedback_log_dir or self.data_dir / "feedback"
 
     @property
     def drift_reports_dir(self) -> Path:

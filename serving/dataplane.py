@@ -8,6 +8,7 @@ categories, the prediction log and the prediction metrics.
 from __future__ import annotations
 
 import operator
+import re
 import time
 import uuid
 from collections import Counter
@@ -23,15 +24,20 @@ from pydantic import BaseModel
 
 from models.schema import MAX_STORED_CATEGORIES, Feature, FeatureKind, field_names
 from models.store import StoredModel
+from serving.answered import AnsweredIndex
 from serving.errors import BadInputError, ModelNotFoundError, ServingError
 from serving.metrics import ServingMetrics, mark_refusal_counted
 from serving.oip.codec import InferRequest, OutputTensor, columns_from_tensors
-from serving.predlog import PredictionLog
+from serving.predlog import JsonLinesLog
 
 # The model service's batchable API: prepared rows (a 2-D array in schema column order) in, probabilities
 # (classification) or values (regression) out. An array, not a DataFrame: BentoML 1.4's batching dispatcher
 # cannot size DataFrame batches.
 ModelCall = Callable[[np.ndarray], Awaitable[np.ndarray]]
+# A request id that a client chooses (HTTP X-Request-Id, OIP `id`): logged with every row and named again by
+# the labels of /feedback, so it must be short and plain.
+MAX_REQUEST_ID = 128
+VALID_REQUEST_ID = re.compile(rf"[\x21-\x7e]{{1,{MAX_REQUEST_ID}}}")
 OIP_DATATYPES = {FeatureKind.NUMERIC: "FP64", FeatureKind.BOOLEAN: "BOOL", FeatureKind.CATEGORICAL: "BYTES"}
 
 
@@ -64,7 +70,12 @@ class PredictionBatch:
 
 class DataPlane:
     def __init__(
-        self, model: StoredModel, call_model: ModelCall, log: PredictionLog, metrics: ServingMetrics
+        self,
+        model: StoredModel,
+        call_model: ModelCall,
+        log: JsonLinesLog,
+        metrics: ServingMetrics,
+        answered: AnsweredIndex | None = None,
     ) -> None:
         self.model = model
         self.name = model.name
@@ -94,6 +105,7 @@ class DataPlane:
         self._limits = np.array([model.schema.features[i].limit for i in self._limited], dtype=np.float64)
         self._output_names = ["label", "probabilities"] if self.classes else ["label"]
         self._log = log
+        self._answered = answered
         self._metrics = metrics
         self._draining = False
         # Unknown categories can be named only where the stored list of seen categories is complete.
@@ -219,6 +231,13 @@ class DataPlane:
     ) -> PredictionBatch:
         if len(rows) == 0:
             raise BadInputError("no rows to predict: the batch is empty", "empty_batch")
+        if request_id is not None and not VALID_REQUEST_ID.fullmatch(request_id):
+            shown = request_id[:40] + ("..." if len(request_id) > 40 else "")
+            raise BadInputError(
+                f"request id {shown!r} is not valid: use 1 to {MAX_REQUEST_ID} visible ASCII characters "
+                "(letters, digits, punctuation)",
+                "invalid_request_id",
+            )
         outputs = np.asarray(await self._call_model(rows))
         if not np.isfinite(outputs).all():
             bad_row = int(np.flatnonzero(~np.isfinite(outputs.reshape(len(rows), -1)).all(axis=1))[0]) + 1
@@ -277,8 +296,12 @@ class DataPlane:
         return [available[name] for name in requested]
 
     def responses(self, batch: PredictionBatch) -> list[dict[str, Any]]:
-        """One JSON-ready answer per row, for the HTTP APIs."""
-        return [{**answer, **self.lineage} for answer in batch.answers]
+        """One JSON-ready answer per row, for the HTTP APIs: with the request id and the row's index, by
+        which `POST /feedback` names the row a label is for."""
+        return [
+            {**answer, "request_id": batch.request_id, "row": row, **self.lineage}
+            for row, answer in enumerate(batch.answers)
+        ]
 
     # ---- accounting ---------------------------------------------------------------------------------------
 
@@ -307,24 +330,23 @@ class DataPlane:
             )
         # Encoded in pieces: the parts shared by the request's rows once, then per row its features and its
         # answer (half the cost of one dict per row). Keys in the order predlog.py documents; NaN -> null.
-        header = {
-            "ts": datetime.now(UTC).isoformat(),
-            "request_id": batch.request_id,
-            "transport": transport,
-            "endpoint": endpoint,
-        }
-        start = orjson.dumps(header)[:-1] + b',"features":'
+        start = orjson.dumps({"ts": datetime.now(UTC).isoformat(), "request_id": batch.request_id})[:-1]
+        source = b"," + orjson.dumps({"transport": transport, "endpoint": endpoint})[1:-1] + b',"features":'
         names = self.feature_names
         self._log.write(
             [
                 start
+                + b',"row":%d' % index
+                + source
                 + orjson.dumps(dict(zip(names, row, strict=True)))
                 + b","
                 + orjson.dumps(answer)[1:-1]
                 + self._lineage_end
-                for row, answer in zip(rows.tolist(), batch.answers, strict=True)
+                for index, (row, answer) in enumerate(zip(rows.tolist(), batch.answers, strict=True))
             ]
         )
+        if self._answered is not None:
+            self._answered.add(batch.request_id, len(rows), self.version)
 
 
 def _validated_column(feature: Feature, values: Sequence[Any] | np.ndarray, first_row: int) -> np.ndarray:

@@ -25,6 +25,8 @@ class ServingMetrics:
     batch_rows: Any  # Histogram: rows per model call (after adaptive batching)
     validation_errors: Any  # Counter: refused requests by transport and reason
     log_dropped: Any  # Counter: prediction-log records that could not be written
+    feedback: Any  # Counter: labels of POST /feedback, by outcome (accepted / rejected) and reason
+    feedback_dropped: Any  # Counter: accepted labels (or answered ids) that could not be written
     drift_share: Any  # Gauge: share of drifted features in the latest drift report, by model and version
     drift_detected: Any  # Gauge: 1 if the latest drift report found drift, else 0
     drift_report_time: Any  # Gauge: when the latest drift report finished (Unix seconds)
@@ -59,6 +61,14 @@ def serving_metrics() -> ServingMetrics:
         ),
         log_dropped=Counter(
             "tabserve_prediction_log_dropped", "Prediction-log records that could not be written"
+        ),
+        feedback=Counter(
+            "tabserve_feedback", "Labels sent to POST /feedback, by outcome and reason", ["outcome", "reason"]
+        ),
+        feedback_dropped=Counter(
+            "tabserve_feedback_dropped",
+            "Feedback-log lines or answered-request ids that could not be written",
+            ["store"],
         ),
         # Set by every API worker from the same file: the most recent value is the right one.
         drift_share=Gauge(

@@ -1,17 +1,23 @@
-"""The prediction log: one JSON line per answered row, the live data that drift reports read.
+"""The prediction log, one JSON line per answered row (the live data that drift and performance reports
+read), and the feedback log, one JSON line per label sent back for an answered row: both `JsonLinesLog`s.
 
-Files: ``<log dir>/predictions-<host>-<pid>.jsonl``, rotated by size (``.1``, ``.2``, ... up to the backup
-count). One file per worker process, so that rotation never races between processes; the host name keeps
-the files of replicas apart on a shared volume (in containers, every replica's worker has the same pid).
+Files: ``<log dir>/<stem>-<host>-<pid>.jsonl`` (stem ``predictions`` or ``feedback``), rotated by size
+(``.1``, ``.2``, ... up to the backup count). One file per worker process, so that rotation never races
+between processes; the host name keeps the files of replicas apart on a shared volume (in containers, every
+replica's worker has the same pid).
 Writing happens on a background thread (QueueHandler -> QueueListener), so a slow disk never blocks a
 request, and a failing disk never fails one: the record is dropped, counted, and a warning is logged once.
 
-A line (keys in this order):
-    {"ts": "2026-11-23T10:00:00.123456+00:00", "request_id": "...", "transport": "http",
+A prediction line (keys in this order; ``row`` is the row's index within its request, from 0):
+    {"ts": "2026-11-23T10:00:00.123456+00:00", "request_id": "...", "row": 0, "transport": "http",
      "endpoint": "/predict", "features": {"mean radius": 13.5, ...}, "prediction": "benign",
      "probabilities": {"benign": 0.99, "malignant": 0.01}, "unknown_categories": {},
      "model": "breast_cancer", "version": "nxn7...", "registered_version": "1", "mlflow_run_id": "...",
      "data_digest": "84ef6c2c"}
+
+A feedback line: ``{"ts": ..., "request_id": "...", "row": 0, "label": "malignant"}`` (classification: the
+class label as a string) or ``..., "value": 12.5}`` (regression). A later line for the same request and row
+replaces an earlier one.
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ class _CountingFileHandler(logging.handlers.RotatingFileHandler):
                 return
         except FileNotFoundError:
             pass
-        logger.warning("the prediction log %s was removed while open; writing a new one", self.baseFilename)
+        logger.warning("the log %s was removed while open; writing a new one", self.baseFilename)
         self.stream.close()
         self.stream = None  # reopened at the next write, as with delay=True
         Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
@@ -93,25 +99,30 @@ class _DrainingListener(logging.handlers.QueueListener):
         return record
 
 
-class PredictionLog:
+class JsonLinesLog:
     def __init__(
-        self, directory: Path, max_bytes: int, backups: int, on_drop: Callable[[int], None] | None = None
+        self,
+        directory: Path,
+        max_bytes: int,
+        backups: int,
+        on_drop: Callable[[int], None] | None = None,
+        stem: str = "predictions",
     ) -> None:
         self.dropped = 0
         self._on_drop_metric = on_drop
         self._warned = False
         self._listener: _DrainingListener | None = None
-        self._logger = logging.getLogger(f"tabserve.predictions.{id(self)}")
+        self._logger = logging.getLogger(f"tabserve.{stem}.{id(self)}")
         self._logger.propagate = False
         self._logger.setLevel(logging.INFO)
-        self.path = directory / f"predictions-{socket.gethostname()}-{os.getpid()}.jsonl"
+        self.path = directory / f"{stem}-{socket.gethostname()}-{os.getpid()}.jsonl"
         try:
             directory.mkdir(parents=True, exist_ok=True)
             if not os.access(directory, os.W_OK):
                 raise PermissionError(f"no write permission on {directory}")
             handler = _CountingFileHandler(self.path, max_bytes, backups, self._drop)
         except OSError as exc:
-            self._warn(f"prediction log disabled, records will be dropped and counted: {exc}")
+            self._warn(f"{stem} log disabled, records will be dropped and counted: {exc}")
             return
         records: queue.SimpleQueue[logging.LogRecord | None] = queue.SimpleQueue()
         self._logger.addHandler(logging.handlers.QueueHandler(records))
@@ -141,7 +152,7 @@ class PredictionLog:
         self.dropped += count
         if self._on_drop_metric is not None:
             self._on_drop_metric(count)
-        self._warn(f"could not write to the prediction log {self.path}; dropped records are counted")
+        self._warn(f"could not write to the log {self.path}; dropped records are counted")
 
     def _warn(self, message: str) -> None:
         if not self._warned:

@@ -254,15 +254,21 @@ class InvalidBody:
 
     def response(self) -> Response:
         problems = self.error.errors(include_url=False, include_context=False, include_input=False)
-        named = "; ".join(f"{_where(p['loc'])}{p['msg']}" for p in problems[:NAMED_PROBLEMS])
-        more = len(problems) - NAMED_PROBLEMS
         body = {
-            "error": f"invalid request body: {named}" + (f"; and {more} more" if more > 0 else ""),
+            "error": f"invalid request body: {named_problems(self.error)}",
             "detail": [
                 {"loc": p["loc"], "msg": p["msg"], "type": p["type"]} for p in problems[:LISTED_PROBLEMS]
             ],
         }
         return Response(orjson.dumps(body), status_code=400, media_type="application/json")
+
+
+def named_problems(error: ValidationError) -> str:
+    """The first problems of a validation error, each under the field it is about, in one line."""
+    problems = error.errors(include_url=False, include_context=False, include_input=False)
+    named = "; ".join(f"{_where(p['loc'])}{p['msg']}" for p in problems[:NAMED_PROBLEMS])
+    more = len(problems) - NAMED_PROBLEMS
+    return named + (f"; and {more} more" if more > 0 else "")
 
 
 def _where(loc: tuple[int | str, ...]) -> str:

@@ -120,6 +120,7 @@ class Server:
     url: str
     grpc_target: str
     log_dir: Path
+    feedback_dir: Path
     process: subprocess.Popen[str]
     output: Path  # the server's stdout and stderr
 
@@ -171,6 +172,7 @@ def server(
     Prometheus folder when it starts, so another test's server in the same home would wipe its metrics."""
     port, grpc_port = free_port(), free_port()
     log_dir = tmp_path_factory.mktemp("prediction-log")
+    feedback_dir = tmp_path_factory.mktemp("feedback-log")
     reports_dir = tmp_path_factory.mktemp("reports")
     write_latest(reports_dir, LATEST_DRIFT)  # as `python -m drift report` leaves it, for /metrics
     home = tmp_path_factory.mktemp("server-bentoml-home")
@@ -180,6 +182,7 @@ def server(
         TABSERVE_GRPC_HOST="127.0.0.1",
         TABSERVE_GRPC_PORT=str(grpc_port),
         TABSERVE_PREDICTION_LOG_DIR=str(log_dir),
+        TABSERVE_FEEDBACK_LOG_DIR=str(feedback_dir),
         TABSERVE_MAX_BATCH_RECORDS=str(MAX_BATCH_RECORDS),
         TABSERVE_MAX_BODY_BYTES=str(MAX_BODY_BYTES),
         TABSERVE_MAX_UPLOAD_BYTES=str(MAX_UPLOAD_BYTES),
@@ -191,7 +194,7 @@ def server(
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(process, url, output)
-        yield Server(url, f"127.0.0.1:{grpc_port}", log_dir, process, output)
+        yield Server(url, f"127.0.0.1:{grpc_port}", log_dir, feedback_dir, process, output)
     finally:
         process.terminate()
         process.wait(timeout=60)

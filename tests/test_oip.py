@@ -53,7 +53,7 @@ from serving.oip.codec import (
     error_body,
 )
 from serving.oip.grpc_server import SERVICE_NAME, GrpcBindError, GrpcServer, start_grpc_server
-from serving.predlog import PredictionLog
+from serving.predlog import JsonLinesLog
 
 FEATURES = ["size", "weight", "color", "member"]
 
@@ -775,7 +775,7 @@ PlaneFactory = Callable[..., DataPlane]
 @pytest.fixture(scope="module")
 def new_plane(toy: ToyModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PlaneFactory]:
     """Real DataPlanes over the toy pipeline, or over `call` in its place."""
-    logs: list[PredictionLog] = []
+    logs: list[JsonLinesLog] = []
 
     def new(call: ModelCall | None = None) -> DataPlane:
         async def call_model(rows: np.ndarray) -> np.ndarray:
@@ -783,7 +783,7 @@ def new_plane(toy: ToyModel, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             frame = pd.DataFrame(rows, columns=toy.stored.schema.names)
             return await call(frame) if call is not None else toy.probabilities(frame)
 
-        logs.append(PredictionLog(tmp_path_factory.mktemp("predictions"), 1_000_000, 1))
+        logs.append(JsonLinesLog(tmp_path_factory.mktemp("predictions"), 1_000_000, 1))
         return DataPlane(toy.stored, call_model, logs[-1], serving_metrics())
 
     yield new

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import orjson
 
-from serving.predlog import PredictionLog
+from serving.predlog import JsonLinesLog
 
 
 def test_records_are_json_lines_and_rotate(tmp_path: Path) -> None:
-    log = PredictionLog(tmp_path, max_bytes=2_000, backups=3)
+    log = JsonLinesLog(tmp_path, max_bytes=2_000, backups=3)
     for request in range(100):  # five rows a request; files rotate between requests
         log.write(
             [
@@ -33,7 +33,7 @@ def test_unwritable_directory_drops_and_counts_without_raising(tmp_path: Path) -
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     counted: list[int] = []
-    log = PredictionLog(blocker / "logs", max_bytes=10_000, backups=1, on_drop=counted.append)
+    log = JsonLinesLog(blocker / "logs", max_bytes=10_000, backups=1, on_drop=counted.append)
     assert not log.enabled
     log.write([b'{"row": 1}', b'{"row": 2}'])
     assert log.dropped == 2
@@ -41,7 +41,7 @@ def test_unwritable_directory_drops_and_counts_without_raising(tmp_path: Path) -
 
 
 def test_a_write_that_fails_later_is_counted_not_raised(tmp_path: Path) -> None:
-    log = PredictionLog(tmp_path, max_bytes=500, backups=2)
+    log = JsonLinesLog(tmp_path, max_bytes=500, backups=2)
     # Rotation renames the live file to .1; a non-empty directory there makes every rotation fail.
     backup = tmp_path / f"{log.path.name}.1"
     backup.mkdir()
@@ -55,11 +55,11 @@ def test_a_write_that_fails_later_is_counted_not_raised(tmp_path: Path) -> None:
 
 def test_a_log_directory_removed_while_serving_is_made_again_and_loses_no_later_row(tmp_path: Path) -> None:
     directory = tmp_path / "predictions"
-    log = PredictionLog(directory, max_bytes=1_000_000, backups=2)
+    log = JsonLinesLog(directory, max_bytes=1_000_000, backups=2)
     log.write([orjson.dumps({"row": 0})])
     log.close()  # flushes: the first row is on disk
     assert log.path.exists()
-    log = PredictionLog(directory, max_bytes=1_000_000, backups=2)
+    log = JsonLinesLog(directory, max_bytes=1_000_000, backups=2)
     log.write([orjson.dumps({"row": 1})])
     deadline = time.monotonic() + 10
     while log.path.read_text().count("\n") < 2 and time.monotonic() < deadline:
