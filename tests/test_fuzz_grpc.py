@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import grpc
 import numpy as np
@@ -103,3 +104,25 @@ def test_an_undecodable_message_is_invalid_argument_naming_the_message(server: S
             assert code is grpc.StatusCode.INVALID_ARGUMENT, (method, code, details)
             assert f"{method}Request" in details
             assert "protobuf" in details
+
+
+def test_grpcs_own_services_refuse_an_undecodable_message_with_invalid_argument(server: Server) -> None:
+    """Health and reflection are grpc's own servicers; they answered such a message with UNKNOWN."""
+    junk = b"\xff\xff\xff"
+    check, watch, reflect = (
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/Watch",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    )
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        calls: list[tuple[str, Callable[[], object]]] = [
+            (check, lambda: channel.unary_unary(check)(junk, timeout=30)),
+            (watch, lambda: list(channel.unary_stream(watch)(junk, timeout=30))),
+            (reflect, lambda: list(channel.stream_stream(reflect)(iter([junk]), timeout=30))),
+        ]
+        for method, call in calls:
+            with pytest.raises(grpc.RpcError) as caught:
+                call()
+            assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT, (method, caught.value.details())
+            assert f"{method}: not a valid protobuf message" == caught.value.details()
+        assert channel.unary_unary(check)(b"", timeout=30) == b"\x08\x01"  # service "": SERVING

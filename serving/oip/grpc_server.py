@@ -11,6 +11,7 @@ ready, NOT_SERVING from the moment it stops) and server reflection, so grpcurl a
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import socket
 import time
@@ -122,6 +123,69 @@ def _add_inference_service(servicer: InferenceServicer, server: Any) -> None:
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
+class UndecodableIsInvalidArgument(grpc.aio.ServerInterceptor):
+    """The same for the services that are grpc's own (health, reflection): their handlers are given the raw
+    bytes, parsed here with the handler's own deserializer, and a message that does not parse is refused
+    with INVALID_ARGUMENT instead of grpc's UNKNOWN. Handlers that take raw bytes already pass unchanged."""
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        parse, method = handler.request_deserializer, details.method
+
+        async def parsed(data: bytes, context: Any) -> Any:
+            try:
+                return parse(data)
+            except DecodeError:
+                await _abort(
+                    context, grpc.StatusCode.INVALID_ARGUMENT, f"{method}: not a valid protobuf message"
+                )
+
+        serializer = handler.response_serializer
+        if handler.unary_unary is not None:
+            behavior = handler.unary_unary
+
+            async def unary_unary(data: bytes, context: Any) -> Any:
+                return await behavior(await parsed(data, context), context)
+
+            return grpc.unary_unary_rpc_method_handler(unary_unary, response_serializer=serializer)
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _streaming(handler.unary_stream, parsed), response_serializer=serializer
+            )
+        if handler.stream_stream is not None:
+
+            async def each_parsed(requests: Any, context: Any) -> Any:
+                async for data in requests:
+                    yield await parsed(data, context)
+
+            async def parsed_stream(requests: Any, context: Any) -> Any:
+                return each_parsed(requests, context)
+
+            return grpc.stream_stream_rpc_method_handler(
+                _streaming(handler.stream_stream, parsed_stream), response_serializer=serializer
+            )
+        return handler  # stream-unary: no such method here
+
+
+def _streaming(behavior: Any, requests_of: Callable[[Any, Any], Awaitable[Any]]) -> Any:
+    """`behavior` given the requests that `requests_of` makes of what arrives. A streaming behavior of grpc
+    aio either yields its responses or writes them with `context.write`; the wrapper does as it does."""
+    if inspect.isasyncgenfunction(behavior):
+
+        async def yielding(arrived: Any, context: Any) -> Any:
+            async for response in behavior(await requests_of(arrived, context), context):
+                yield response
+
+        return yielding
+
+    async def writing(arrived: Any, context: Any) -> Any:
+        return await behavior(await requests_of(arrived, context), context)
+
+    return writing
+
+
 async def _abort(context: Any, code: grpc.StatusCode, message: str) -> NoReturn:
     await context.abort(code, message)
     raise AssertionError("unreachable: context.abort raises")
@@ -224,11 +288,12 @@ async def start_grpc_server(plane: DataPlane, host: str, port: int) -> GrpcServe
     """Serve `plane` on host:port (port 0: any free port). The port is bound with SO_REUSEPORT, so that
     several worker processes can share it."""
     server = grpc.aio.server(
+        interceptors=[UndecodableIsInvalidArgument()],
         options=[
             ("grpc.so_reuseport", 1),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ]
+        ],
     )
     _add_inference_service(InferenceServicer(plane), server)
     health = HealthServicer()
