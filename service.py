@@ -222,9 +222,7 @@ class Tabserve:
             on_drop=metrics.feedback_dropped.labels(store="feedback_log").inc,
             stem="feedback",
         )
-        self.feedback = FeedbackDesk(
-            self.plane, self.answered, self.feedback_log, metrics, settings.feedback_max_items
-        )
+        self.feedback = FeedbackDesk(self.plane, self.answered, self.feedback_log, metrics)
         self.grpc: GrpcServer | None = None
         self._grpc_stopped: asyncio.Future[None] | None = None
 

@@ -67,13 +67,11 @@ class FeedbackDesk:
         answered: AnsweredIndex,
         log: JsonLinesLog,
         metrics: ServingMetrics,
-        max_items: int,
     ) -> None:
         self._classes = plane.classes  # as strings; None for regression
         self._answered = answered
         self._log = log
         self._metrics = metrics
-        self.max_items = max_items
 
     async def take(self, items: list[Any]) -> tuple[int, list[dict[str, Any]]]:
         """The number of labels kept, and the refused ones: {"item": index in the body, "error": why}."""
@@ -131,9 +129,8 @@ class FeedbackDesk:
         return item
 
     def _line(self, now: str, item: FeedbackItem) -> bytes:
-        outcome = (
-            {"label": str(item.label)} if self._classes is not None else {"value": float(item.value or 0)}
-        )
+        # `_against_model` lets through a label for a classifier, a value for a regressor, never both.
+        outcome = {"label": str(item.label)} if item.value is None else {"value": float(item.value)}
         return orjson.dumps({"ts": now, "request_id": item.request_id, "row": item.row, **outcome})
 
 
