@@ -1,0 +1,3 @@
+from lifecycle.cli import app
+
+app()
