@@ -127,6 +127,18 @@ class Settings(BaseSettings):
     drift_webhook_url: str | None = Field(
         default=None, description="Slack- or Discord-compatible webhook that drift reports alert."
     )
+    # Live performance (drift/performance.py).
+    performance_min_rows: int = Field(
+        default=50,
+        ge=1,
+        description="Fewest labelled log rows a performance report judges; fewer exit with code 2.",
+    )
+    performance_max_drop: float = Field(
+        default=0.05,
+        ge=0.0,
+        description="How much worse than on the reference rows the model's metric may be on labelled live "
+        "rows, in metric units, before a performance report says degraded.",
+    )
 
     @property
     def tracking_uri(self) -> str:

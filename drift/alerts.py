@@ -9,6 +9,7 @@ delivery as a warning: an alert never changes a report's outcome.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import httpx
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, stop_after_delay, wait_exponential
@@ -16,6 +17,9 @@ from tenacity.wait import wait_base
 
 from drift.summary import Summary
 from models.errors import first_line
+
+if TYPE_CHECKING:
+    from drift.performance import PerformanceSummary
 
 DISCORD_LIMIT = 2000  # characters of `content` Discord accepts
 
@@ -39,6 +43,22 @@ def drift_message(summary: Summary, window: str) -> str:
         f"Prediction drift: {'yes' if summary.prediction_drift else 'no'}. "
         f"{summary.rows_compared:,} rows compared, {window}. "
         f"MLflow run {summary.mlflow_run_id}, data {summary.data_digest}. "
+        f"Report: {summary.report_dir}/report.html"
+    )
+
+
+def performance_message(summary: PerformanceSummary, window: str) -> str:
+    estimate = (
+        f" Estimated accuracy on all {summary.rows_seen:,} rows (from probabilities): "
+        f"{summary.estimated_accuracy:.4f}."
+        if summary.estimated_accuracy is not None
+        else ""
+    )
+    return (
+        f"Performance degraded in {summary.model} v{summary.registered_version} ({summary.version}): "
+        f"{summary.metric} {summary.live_value:.4f} on {summary.labelled_rows:,} labelled live rows vs "
+        f"{summary.reference_value:.4f} on the reference rows (at most {summary.max_drop:g} worse allowed), "
+        f"{window}.{estimate} MLflow run {summary.mlflow_run_id}, data {summary.data_digest}. "
         f"Report: {summary.report_dir}/report.html"
     )
 

@@ -3,11 +3,14 @@
 \b
     python -m drift report                     # the served model version, last 24 h of the prediction log
     python -m drift report --since 1h --webhook https://hooks.slack.com/services/...
+    python -m drift performance --since 24h    # labelled live rows (feedback) against the reference set
     python -m drift schedule --every 1h        # the same report every hour, in one process
     python -m drift simulate shift --features "mean radius,mean texture" --k 2
     python -m drift bench                      # 1,000,000 logged rows: this job against bare Evidently
 
 Exit codes of report: 0 no drift, 1 drift, 2 cannot judge (too few rows, no log, unknown model version).
+Exit codes of performance: 0 healthy, 1 degraded, 2 cannot judge (too few labelled rows, no log, unknown
+model version).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from drift import bench as benchmark
 from drift import simulate as traffic
 from drift.job import CANNOT_JUDGE, ReportOptions, run_report
 from drift.logs import parse_duration, parse_window
+from drift.performance import PerformanceOptions, default_feedback_dir, run_performance
 from drift.schedule import MIN_INTERVAL, run_every
 from models.errors import InputError, first_line
 from models.store import StoredModel
@@ -133,6 +137,70 @@ def report(
 
 
 @app.command()
+def performance(
+    model: Model = None,
+    log_dir: LogDir = None,
+    feedback_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Feedback log directory. Default: TABSERVE_FEEDBACK_LOG_DIR or <data dir>/feedback."
+        ),
+    ] = None,
+    since: Annotated[
+        str | None,
+        typer.Option(
+            help="Window start: a duration before now (24h, 90m, 7d), an ISO time, or 'all'. Default: 24h."
+        ),
+    ] = None,
+    until: Until = None,
+    min_rows: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Fewest labelled rows judged; fewer exit 2. Default: TABSERVE_PERFORMANCE_MIN_ROWS (50).",
+        ),
+    ] = None,
+    max_drop: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            help="How much worse than on the reference rows the model's metric may be, in metric units. "
+            "Default: TABSERVE_PERFORMANCE_MAX_DROP (0.05).",
+        ),
+    ] = None,
+    webhook: Annotated[
+        str | None,
+        typer.Option(
+            help="Slack- or Discord-compatible webhook URL to alert when performance degraded. "
+            "Default: TABSERVE_DRIFT_WEBHOOK_URL."
+        ),
+    ] = None,
+) -> None:
+    """Judge the model version on the live rows that got a label (feedback joined by request id and row).
+
+    Writes report.html, report.json and summary.json under the reports directory, performance.json beside
+    them, and a snapshot to the Evidently workspace; prints the verdict beside the accuracy estimated from
+    the probabilities of all rows. Exit 0: healthy, 1: degraded, 2: cannot judge.
+    """
+    settings = get_settings()
+
+    def run() -> int:
+        options = PerformanceOptions(
+            model_tag=model or settings.serving_tag,
+            log_dir=log_dir or settings.log_dir,
+            feedback_dir=feedback_dir or default_feedback_dir(settings),
+            since=since,
+            until=until,
+            min_rows=min_rows or settings.performance_min_rows,
+            max_drop=settings.performance_max_drop if max_drop is None else max_drop,
+            webhook=_webhook(webhook, settings),
+        )
+        return run_performance(options, settings, out.print)
+
+    raise typer.Exit(_guarded(run))
+
+
+@app.command()
 def schedule(
     every: Annotated[str, typer.Option(help="Interval between reports: 30m, 1h, 1d, ...")] = "1h",
     model: Model = None,
@@ -187,9 +255,6 @@ def _options(
     seed: int,
     webhook: str | None,
 ) -> ReportOptions:
-    url = webhook or settings.drift_webhook_url
-    if url and not url.startswith(("http://", "https://")):
-        raise InputError(f"--webhook must be an http:// or https:// URL, got {url!r}")
     return ReportOptions(
         model_tag=model or settings.serving_tag,
         log_dir=log_dir or settings.log_dir,
@@ -200,8 +265,15 @@ def _options(
         min_rows=min_rows or settings.drift_min_rows,
         drift_share=settings.drift_share if drift_share is None else drift_share,
         seed=seed,
-        webhook=url,
+        webhook=_webhook(webhook, settings),
     )
+
+
+def _webhook(webhook: str | None, settings: Settings) -> str | None:
+    url = webhook or settings.drift_webhook_url
+    if url and not url.startswith(("http://", "https://")):
+        raise InputError(f"--webhook must be an http:// or https:// URL, got {url!r}")
+    return url
 
 
 @app.command()

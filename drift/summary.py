@@ -58,27 +58,37 @@ FIELDS = frozenset(Summary.__dataclass_fields__)
 
 def write_latest(reports_dir: Path, summary: Summary) -> Path:
     path = reports_dir / summary.model / LATEST_FILE
+    write_json(path, asdict(summary))
+    return path
+
+
+def read_latest(reports_dir: Path, model: str) -> dict[str, Any] | None:
+    """The model's latest summary, or None when there is none or it cannot be read as one."""
+    return read_json(reports_dir / model / LATEST_FILE, FIELDS)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Atomically: a reader sees the previous file or this one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(
-        "w", dir=path.parent, prefix=".latest-", suffix=".tmp", delete=False, encoding="utf-8"
+        "w", dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp", delete=False, encoding="utf-8"
     ) as handle:
         try:
-            json.dump(asdict(summary), handle, indent=2)
+            json.dump(data, handle, indent=2)
             handle.flush()
             os.fsync(handle.fileno())
             Path(handle.name).replace(path)
         except BaseException:
             Path(handle.name).unlink(missing_ok=True)
             raise
-    return path
 
 
-def read_latest(reports_dir: Path, model: str) -> dict[str, Any] | None:
-    """The model's latest summary, or None when there is none or it cannot be read as one."""
+def read_json(path: Path, fields: frozenset[str]) -> dict[str, Any] | None:
+    """A JSON object with at least `fields`, or None when there is none or it cannot be read as one."""
     try:
-        data = json.loads((reports_dir / model / LATEST_FILE).read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(data, dict) or not data.keys() >= FIELDS:
+    if not isinstance(data, dict) or not data.keys() >= fields:
         return None
     return data

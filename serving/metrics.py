@@ -30,6 +30,11 @@ class ServingMetrics:
     drift_share: Any  # Gauge: share of drifted features in the latest drift report, by model and version
     drift_detected: Any  # Gauge: 1 if the latest drift report found drift, else 0
     drift_report_time: Any  # Gauge: when the latest drift report finished (Unix seconds)
+    live_metric: Any  # Gauge: the model's metric on labelled live rows in the latest performance report
+    live_estimated_accuracy: Any  # Gauge: accuracy estimated from probabilities on all rows (an estimate)
+    live_labelled_rows: Any  # Gauge: labelled live rows the latest performance report judged
+    live_degraded: Any  # Gauge: 1 if the latest performance report found the metric degraded
+    performance_report_time: Any  # Gauge: when the latest performance report finished (Unix seconds)
 
 
 @functools.cache
@@ -89,6 +94,36 @@ def serving_metrics() -> ServingMetrics:
             ["model", "version"],
             multiprocess_mode="mostrecent",
         ),
+        live_metric=Gauge(
+            "tabserve_live_metric",
+            "The model's metric on labelled live rows in the latest performance report",
+            ["model", "version", "metric"],
+            multiprocess_mode="mostrecent",
+        ),
+        live_estimated_accuracy=Gauge(
+            "tabserve_live_estimated_accuracy",
+            "Accuracy estimated from the predicted class's probability on all live rows (an estimate)",
+            ["model", "version"],
+            multiprocess_mode="mostrecent",
+        ),
+        live_labelled_rows=Gauge(
+            "tabserve_live_labelled_rows",
+            "Labelled live rows judged by the latest performance report",
+            ["model", "version"],
+            multiprocess_mode="mostrecent",
+        ),
+        live_degraded=Gauge(
+            "tabserve_live_degraded",
+            "1 if the latest performance report found the model's metric degraded",
+            ["model", "version"],
+            multiprocess_mode="mostrecent",
+        ),
+        performance_report_time=Gauge(
+            "tabserve_performance_report_timestamp_seconds",
+            "When the latest performance report finished, in Unix seconds",
+            ["model", "version"],
+            multiprocess_mode="mostrecent",
+        ),
     )
 
 
@@ -99,6 +134,19 @@ def export_latest_drift(metrics: ServingMetrics, summary: dict[str, Any]) -> Non
     metrics.drift_detected.labels(**labels).set(1.0 if summary["drift_detected"] else 0.0)
     finished = datetime.fromisoformat(summary["finished_at"]).timestamp()
     metrics.drift_report_time.labels(**labels).set(finished)
+
+
+def export_latest_performance(metrics: ServingMetrics, summary: dict[str, Any]) -> None:
+    """The gauges of a performance summary (drift/performance.py: `<reports dir>/<model>/performance.json`;
+    read it with `read_latest_performance`). A regression model has no estimated accuracy."""
+    labels = {"model": summary["model"], "version": summary["version"]}
+    metrics.live_metric.labels(**labels, metric=summary["metric"]).set(float(summary["live_value"]))
+    if summary["estimated_accuracy"] is not None:
+        metrics.live_estimated_accuracy.labels(**labels).set(float(summary["estimated_accuracy"]))
+    metrics.live_labelled_rows.labels(**labels).set(float(summary["labelled_rows"]))
+    metrics.live_degraded.labels(**labels).set(1.0 if summary["degraded"] else 0.0)
+    finished = datetime.fromisoformat(summary["finished_at"]).timestamp()
+    metrics.performance_report_time.labels(**labels).set(finished)
 
 
 # Reasons of the refusals counted while one HTTP request was handled. HttpLimits opens a fresh list per
