@@ -29,7 +29,7 @@ from fastapi import FastAPI
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
-from drift.summary import read_latest
+from drift.summary import read_latest, read_latest_performance
 from models.errors import InputError
 from models.store import StoredModel
 from serving import oip_rest
@@ -39,7 +39,7 @@ from serving.dataplane import DataPlane
 from serving.errors import ServingError, UnavailableError
 from serving.feedback import FeedbackDesk, feedback_route
 from serving.files import predict_file_route
-from serving.metrics import export_latest_drift, serving_metrics
+from serving.metrics import export_latest_drift, export_latest_performance, serving_metrics
 from serving.model import InProcessModel, RowPredictor
 from serving.oip.grpc_server import GrpcServer, check_port_free, start_grpc_server
 from serving.predlog import JsonLinesLog
@@ -244,11 +244,17 @@ class Tabserve:
         self._drift_watch = asyncio.create_task(self._export_drift_every(DRIFT_REFRESH_SECONDS))
 
     async def _export_drift_every(self, seconds: float) -> None:
+        """The latest drift and live-performance verdicts (`python -m drift report` / `performance`)."""
         metrics = serving_metrics()
         while True:
-            summary = await asyncio.to_thread(read_latest, settings.drift_reports_dir, champion.name)
-            if summary is not None:
-                export_latest_drift(metrics, summary)
+            drift = await asyncio.to_thread(read_latest, settings.drift_reports_dir, champion.name)
+            if drift is not None:
+                export_latest_drift(metrics, drift)
+            performance = await asyncio.to_thread(
+                read_latest_performance, settings.drift_reports_dir, champion.name
+            )
+            if performance is not None:
+                export_latest_performance(metrics, performance)
             await asyncio.sleep(seconds)
 
     @bentoml.on_startup

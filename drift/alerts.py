@@ -19,7 +19,7 @@ from drift.summary import Summary
 from models.errors import first_line
 
 if TYPE_CHECKING:
-    from drift.performance import PerformanceSummary
+    from drift.summary import PerformanceSummary
 
 DISCORD_LIMIT = 2000  # characters of `content` Discord accepts
 

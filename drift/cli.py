@@ -29,7 +29,7 @@ from drift import bench as benchmark
 from drift import simulate as traffic
 from drift.job import CANNOT_JUDGE, ReportOptions, run_report
 from drift.logs import parse_duration, parse_window
-from drift.performance import PerformanceOptions, default_feedback_dir, run_performance
+from drift.performance import PerformanceOptions, run_performance
 from drift.schedule import MIN_INTERVAL, run_every
 from models.errors import InputError, first_line
 from models.store import StoredModel
@@ -188,7 +188,7 @@ def performance(
         options = PerformanceOptions(
             model_tag=model or settings.serving_tag,
             log_dir=log_dir or settings.log_dir,
-            feedback_dir=feedback_dir or default_feedback_dir(settings),
+            feedback_dir=feedback_dir or settings.feedback_dir,
             since=since,
             until=until,
             min_rows=min_rows or settings.performance_min_rows,

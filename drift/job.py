@@ -89,7 +89,7 @@ def run_report(options: ReportOptions, settings: Settings, say: Callable[[str], 
         },
         tags=[model.name, model.version, f"v{lineage['registered_version']}"],
     )
-    directory = _report_dir(settings.drift_reports_dir / model.name, f"{model.version}-{stamp}")
+    directory = new_report_dir(settings.drift_reports_dir / model.name, f"{model.version}-{stamp}")
     report.save(
         snapshot,
         directory,
@@ -131,7 +131,7 @@ def run_report(options: ReportOptions, settings: Settings, say: Callable[[str], 
     return DRIFT if result.drift_detected else NO_DRIFT
 
 
-def _report_dir(parent: Path, name: str) -> Path:
+def new_report_dir(parent: Path, name: str) -> Path:
     parent.mkdir(parents=True, exist_ok=True)
     for attempt in range(1, 100):
         directory = parent / (name if attempt == 1 else f"{name}-{attempt}")

@@ -171,7 +171,7 @@ class LogSample:
     stats: LogStats
 
 
-class _CorruptLineError(Exception):
+class CorruptLineError(Exception):
     pass
 
 
@@ -179,17 +179,17 @@ def read_log(
     files: Iterable[Path], target: LogTarget, window: Window, max_rows: int, seed: int = 0
 ) -> LogSample:
     stats = LogStats()
-    parse = _Parser(target, window, stats)
+    parse = LineParser(target, window, stats)
     rng = random.Random(seed)
     kept: list[Row] = []
     # Open every file before reading any: a rotation during the read renames files, and an open file keeps
     # its content, so no rows are read twice or missed.
     with ExitStack() as stack:
-        handles = [stack.enter_context(h) for h in _open_in_window(files, window, stats)]
-        for line in _lines(handles, stats):
+        handles = [stack.enter_context(h) for h in open_in_window(files, window, stats)]
+        for line in log_lines(handles, stats):
             try:
                 row = parse(line)
-            except _CorruptLineError:
+            except CorruptLineError:
                 stats.corrupt += 1
                 continue
             if row is None:
@@ -202,10 +202,10 @@ def read_log(
                 if slot < max_rows:
                     kept[slot] = row
     stats.compared = len(kept)
-    return LogSample(frame=_frame(kept, target), stats=stats)
+    return LogSample(frame=rows_frame(kept, target), stats=stats)
 
 
-def _open_in_window(files: Iterable[Path], window: Window, stats: LogStats) -> Iterator[IO[bytes]]:
+def open_in_window(files: Iterable[Path], window: Window, stats: LogStats) -> Iterator[IO[bytes]]:
     for path in files:
         try:
             if window.since and datetime.fromtimestamp(path.stat().st_mtime, UTC) < window.since:
@@ -220,7 +220,7 @@ def _open_in_window(files: Iterable[Path], window: Window, stats: LogStats) -> I
         yield handle
 
 
-def _lines(handles: list[IO[bytes]], stats: LogStats) -> Iterator[bytes]:
+def log_lines(handles: list[IO[bytes]], stats: LogStats) -> Iterator[bytes]:
     for handle in handles:
         for line in handle:
             stats.lines += 1
@@ -235,7 +235,7 @@ def _lines(handles: list[IO[bytes]], stats: LogStats) -> Iterator[bytes]:
             yield line
 
 
-class _Parser:
+class LineParser:
     """A line into a row in reference-set form; None for a row of another version or outside the window.
 
     Built once per read, since it runs for every line of the log.
@@ -252,20 +252,20 @@ class _Parser:
         try:
             record = orjson.loads(line)
         except orjson.JSONDecodeError:
-            raise _CorruptLineError from None
+            raise CorruptLineError from None
         if not isinstance(record, dict):
-            raise _CorruptLineError
+            raise CorruptLineError
         if record.get("model") != self.model or record.get("version") != self.version:
             self.stats.other_versions[f"{record.get('model')}:{record.get('version')}"] += 1
             return None
         stamp = record.get("ts")
         features = record.get("features")
         if not isinstance(stamp, str) or not isinstance(features, dict):
-            raise _CorruptLineError
+            raise CorruptLineError
         try:
             moment = datetime.fromisoformat(stamp)
         except ValueError:
-            raise _CorruptLineError from None
+            raise CorruptLineError from None
         if not self.window.contains(moment if moment.tzinfo else moment.replace(tzinfo=UTC)):
             self.stats.outside_window += 1
             return None
@@ -281,7 +281,7 @@ class _Parser:
             probabilities = np.array(self.probabilities(given if isinstance(given, dict) else {}), np.float64)
             return numbers, categories, None if prediction is None else _category(prediction), probabilities
         except (TypeError, ValueError):
-            raise _CorruptLineError from None
+            raise CorruptLineError from None
 
 
 _NO_PROBABILITIES = np.empty(0)
@@ -311,7 +311,7 @@ def _category(value: object) -> str | None:
     raise TypeError("not a category")
 
 
-def _frame(kept: list[Row], target: LogTarget) -> pd.DataFrame:
+def rows_frame(kept: list[Row], target: LogTarget) -> pd.DataFrame:
     rows = len(kept)
     numbers = np.vstack([row[0] for row in kept]) if rows else np.empty((0, len(target.numeric)))
     columns: dict[str, Any] = dict(zip(target.numeric, numbers.T, strict=True))

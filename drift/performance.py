@@ -51,21 +51,21 @@ import pandas as pd
 from sklearn.exceptions import UndefinedMetricWarning
 
 from drift import alerts
-from drift.job import _report_dir
+from drift.job import new_report_dir
 from drift.logs import (
+    CorruptLineError,
+    LineParser,
     LogStats,
     LogTarget,
     Row,
     Window,
-    _CorruptLineError,
-    _frame,
-    _lines,
-    _open_in_window,
-    _Parser,
     find_log_files,
+    log_lines,
+    open_in_window,
     parse_window,
+    rows_frame,
 )
-from drift.summary import read_json, write_json
+from drift.summary import PERFORMANCE_FILE, PerformanceSummary, write_json
 from models.errors import InputError
 from models.evaluation import METRICS
 from models.store import PREDICTION_COLUMN, PROBABILITY_PREFIX, TARGET_COLUMN, StoredModel
@@ -75,7 +75,6 @@ if TYPE_CHECKING:
     from evidently.core.report import Snapshot
 
 HEALTHY, DEGRADED = 0, 1
-LATEST_FILE = "performance.json"
 FEEDBACK_FILE = re.compile(r"^feedback-.+\.jsonl(\.\d+)?$")
 Key = tuple[str, int]  # (request_id, row)
 
@@ -90,36 +89,6 @@ class PerformanceOptions:
     min_rows: int
     max_drop: float
     webhook: str | None
-
-
-@dataclass(frozen=True)
-class PerformanceSummary:
-    model: str
-    version: str
-    registered_version: str
-    mlflow_run_id: str
-    data_digest: str
-    metric: str
-    greater_is_better: bool
-    live_value: float
-    reference_value: float
-    max_drop: float
-    degraded: bool
-    labelled_rows: int
-    rows_seen: int
-    measured_accuracy: float | None
-    estimated_accuracy: float | None
-    finished_at: str
-    report_dir: str
-
-
-FIELDS = frozenset(PerformanceSummary.__dataclass_fields__)
-
-
-def default_feedback_dir(settings: Settings) -> Path:
-    """Where the service writes feedback. Issue #13's item 1 adds `Settings.feedback_dir`
-    (TABSERVE_FEEDBACK_LOG_DIR) with this default; until it is merged here, the default alone."""
-    return settings.data_dir / "feedback"
 
 
 def find_feedback_files(directory: Path) -> list[Path]:
@@ -144,8 +113,8 @@ def read_feedback(
     field = "label" if classification else "value"
     latest: dict[Key, tuple[datetime, Any]] = {}
     with ExitStack() as stack:
-        handles = [stack.enter_context(h) for h in _open_in_window(files, Window(since=window.since), stats)]
-        for line in _lines(handles, stats):
+        handles = [stack.enter_context(h) for h in open_in_window(files, Window(since=window.since), stats)]
+        for line in log_lines(handles, stats):
             try:
                 record = orjson.loads(line)
                 moment = datetime.fromisoformat(record["ts"])
@@ -181,17 +150,17 @@ def read_labelled(
     lines of its ``request_id``: the service writes a request's lines together, in order.
     """
     stats = LogStats()
-    parse = _Parser(target, window, stats)
+    parse = LineParser(target, window, stats)
     kept: list[Row] = []
     truths: list[Any] = []
     confidence_sum, confident_rows = 0.0, 0
     previous_id, position = None, 0
     with ExitStack() as stack:
-        handles = [stack.enter_context(h) for h in _open_in_window(files, window, stats)]
-        for line in _lines(handles, stats):
+        handles = [stack.enter_context(h) for h in open_in_window(files, window, stats)]
+        for line in log_lines(handles, stats):
             try:
                 row = parse(line)
-            except _CorruptLineError:
+            except CorruptLineError:
                 stats.corrupt += 1
                 continue
             if row is None:
@@ -213,7 +182,7 @@ def read_labelled(
                 truths.append(label)
     stats.compared = len(kept)
     truth = pd.Series(truths, dtype=object if target.classes is not None else np.float64)
-    frame = _frame(kept, target).assign(**{TARGET_COLUMN: truth})
+    frame = rows_frame(kept, target).assign(**{TARGET_COLUMN: truth})
     confidence = confidence_sum / confident_rows if confident_rows else None
     return LiveRows(labelled=frame, seen=stats.seen, confidence=confidence, stats=stats)
 
@@ -361,7 +330,9 @@ def run_performance(options: PerformanceOptions, settings: Settings, say: Callab
     )
     loss = -metric.improvement(result.live_value, result.reference_value)
     degraded = loss > options.max_drop
-    directory = _report_dir(settings.drift_reports_dir / model.name, f"performance-{model.version}-{stamp}")
+    directory = new_report_dir(
+        settings.drift_reports_dir / model.name, f"performance-{model.version}-{stamp}"
+    )
     summary = PerformanceSummary(
         **lineage,
         metric=metric.name,
@@ -380,7 +351,7 @@ def run_performance(options: PerformanceOptions, settings: Settings, say: Callab
     report.save(result.snapshot, directory, header={**header, "verdict": verdict(summary)})
     # Evidently's JSON has no room for our figures: the summary goes beside it.
     write_json(directory / "summary.json", asdict(summary))
-    write_json(settings.drift_reports_dir / model.name / LATEST_FILE, asdict(summary))
+    write_json(settings.drift_reports_dir / model.name / PERFORMANCE_FILE, asdict(summary))
     report.add_to_workspace(
         result.snapshot,
         settings.evidently_workspace,
@@ -396,11 +367,6 @@ def run_performance(options: PerformanceOptions, settings: Settings, say: Callab
         else:
             say(f"warning: the webhook failed after {delivery.attempts} attempts ({delivery.detail})")
     return DEGRADED if degraded else HEALTHY
-
-
-def read_latest_performance(reports_dir: Path, model: str) -> dict[str, Any] | None:
-    """The model's latest performance summary, or None when there is none or it cannot be read as one."""
-    return read_json(reports_dir / model / LATEST_FILE, FIELDS)
 
 
 def verdict(summary: PerformanceSummary) -> str:
@@ -430,7 +396,7 @@ def _screen(
         )
     lines += [
         f"report: {summary.report_dir}/report.html",
-        f"summary: {settings.drift_reports_dir / summary.model / LATEST_FILE}",
+        f"summary: {settings.drift_reports_dir / summary.model / PERFORMANCE_FILE}",
         f"snapshots: evidently ui --workspace {settings.evidently_workspace}",
     ]
     return lines

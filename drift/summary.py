@@ -92,3 +92,36 @@ def read_json(path: Path, fields: frozenset[str]) -> dict[str, Any] | None:
     if not isinstance(data, dict) or not data.keys() >= fields:
         return None
     return data
+
+
+# The latest live-performance verdict (drift/performance.py), beside latest.json, read the same way.
+PERFORMANCE_FILE = "performance.json"
+
+
+@dataclass(frozen=True)
+class PerformanceSummary:
+    model: str
+    version: str
+    registered_version: str
+    mlflow_run_id: str
+    data_digest: str
+    metric: str
+    greater_is_better: bool
+    live_value: float
+    reference_value: float
+    max_drop: float
+    degraded: bool
+    labelled_rows: int
+    rows_seen: int
+    measured_accuracy: float | None
+    estimated_accuracy: float | None
+    finished_at: str
+    report_dir: str
+
+
+PERFORMANCE_FIELDS = frozenset(PerformanceSummary.__dataclass_fields__)
+
+
+def read_latest_performance(reports_dir: Path, model: str) -> dict[str, Any] | None:
+    """The model's latest performance summary, or None when there is none or it cannot be read as one."""
+    return read_json(reports_dir / model / PERFORMANCE_FILE, PERFORMANCE_FIELDS)

@@ -13,14 +13,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 from mlflow import MlflowClient
 
-from drift.summary import Summary, write_latest
+from drift.summary import PERFORMANCE_FILE, PerformanceSummary, Summary, write_json, write_latest
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,6 +114,26 @@ LATEST_DRIFT = Summary(
     report_dir="/reports/breast_cancer/judged-version",
 )
 
+LATEST_PERFORMANCE = PerformanceSummary(
+    model="breast_cancer",
+    version="judged-version",
+    registered_version="1",
+    mlflow_run_id="run",
+    data_digest="digest",
+    metric="roc_auc",
+    greater_is_better=True,
+    live_value=0.91,
+    reference_value=0.99,
+    max_drop=0.05,
+    degraded=True,
+    labelled_rows=120,
+    rows_seen=500,
+    measured_accuracy=0.88,
+    estimated_accuracy=0.95,
+    finished_at="2026-11-23T11:00:00+00:00",
+    report_dir="/reports/breast_cancer/performance-judged-version",
+)
+
 
 @dataclass(frozen=True)
 class Server:
@@ -175,6 +195,9 @@ def server(
     feedback_dir = tmp_path_factory.mktemp("feedback-log")
     reports_dir = tmp_path_factory.mktemp("reports")
     write_latest(reports_dir, LATEST_DRIFT)  # as `python -m drift report` leaves it, for /metrics
+    write_json(
+        reports_dir / "breast_cancer" / PERFORMANCE_FILE, asdict(LATEST_PERFORMANCE)
+    )  # and `performance`
     home = tmp_path_factory.mktemp("server-bentoml-home")
     (home / "models").symlink_to(stores.bentoml_home / "models", target_is_directory=True)
     env = stores.env(

@@ -20,7 +20,8 @@ from typer.testing import CliRunner
 
 from drift.cli import app
 from drift.logs import LogStats, LogTarget, Window
-from drift.performance import LATEST_FILE, read_feedback, read_labelled, read_latest_performance
+from drift.performance import read_feedback, read_labelled
+from drift.summary import PERFORMANCE_FILE, read_latest_performance
 from models.store import TARGET_COLUMN, StoredModel
 from serving.metrics import export_latest_performance, serving_metrics
 from tests.conftest import Stores, assert_ok, run_train
@@ -197,7 +198,7 @@ def test_too_few_labels_exit_2_with_one_line(
     assert line.startswith("error: cannot judge breast_cancer:")
     assert "10 labelled rows of this version" in line
     assert "at least 50 needed" in line
-    assert not (tmp_path / "reports" / "breast_cancer" / LATEST_FILE).exists()
+    assert not (tmp_path / "reports" / "breast_cancer" / PERFORMANCE_FILE).exists()
 
 
 @pytest.mark.parametrize(
@@ -280,7 +281,9 @@ def test_the_summary_is_exported_as_gauges(tmp_path: Path) -> None:
     assert REGISTRY.get_sample_value("tabserve_performance_report_timestamp_seconds", labels) == finished
     assert read_latest_performance(tmp_path, "breast_cancer") is None
     (tmp_path / "breast_cancer").mkdir()
-    (tmp_path / "breast_cancer" / LATEST_FILE).write_text(json.dumps(summary))  # lacks fields: not a summary
+    (tmp_path / "breast_cancer" / PERFORMANCE_FILE).write_text(
+        json.dumps(summary)
+    )  # lacks fields: not a summary
     assert read_latest_performance(tmp_path, "breast_cancer") is None
 
 

@@ -22,6 +22,7 @@ from models.data import load_default
 from models.store import StoredModel
 from tests.conftest import (
     LATEST_DRIFT,
+    LATEST_PERFORMANCE,
     MAX_BATCH_RECORDS,
     MAX_BODY_BYTES,
     Server,
@@ -318,6 +319,18 @@ def test_metrics_export_the_latest_drift_report(server: Server) -> None:
     assert metric_values(server, "tabserve_drift_detected")[labels] == 1.0
     finished = datetime.fromisoformat(LATEST_DRIFT.finished_at).timestamp()
     assert metric_values(server, "tabserve_drift_report_timestamp_seconds")[labels] == finished
+
+
+def test_metrics_export_the_latest_performance_report(server: Server) -> None:
+    labels = '{model="breast_cancer",version="judged-version"}'
+    metric = '{metric="roc_auc",model="breast_cancer",version="judged-version"}'
+    assert metric_values(server, "tabserve_live_metric")[metric] == LATEST_PERFORMANCE.live_value
+    assert (
+        metric_values(server, "tabserve_live_estimated_accuracy")[labels]
+        == LATEST_PERFORMANCE.estimated_accuracy
+    )
+    assert metric_values(server, "tabserve_live_labelled_rows")[labels] == LATEST_PERFORMANCE.labelled_rows
+    assert metric_values(server, "tabserve_live_degraded")[labels] == 1.0
 
 
 def test_prediction_log_has_one_line_per_answered_row(
