@@ -56,13 +56,7 @@ def chunks(model: StoredModel, rows: int, seed: int) -> Iterator[pd.DataFrame]:
 
 def write_log(model: StoredModel, directory: Path, rows: int, seed: int, max_bytes: int) -> int:
     """The service's log format, rotated as the service rotates it; returns the bytes written."""
-    lineage = {
-        "model": model.name,
-        "version": model.version,
-        "registered_version": model.labels["registered_version"],
-        "mlflow_run_id": model.labels["mlflow_run_id"],
-        "data_digest": model.metadata["dataset_digest"],
-    }
+    lineage = model.lineage
     classes = [str(label) for label in model.classes] if model.classes else None
     start = datetime.now(UTC) - timedelta(hours=1)
     step = timedelta(hours=1) / rows

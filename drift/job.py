@@ -66,13 +66,7 @@ def run_report(options: ReportOptions, settings: Settings, say: Callable[[str], 
     # Imported here: evidently takes seconds to import, which runs that stop early should not pay.
     from drift import report  # noqa: PLC0415
 
-    lineage = {
-        "model": model.name,
-        "version": model.version,
-        "registered_version": model.labels["registered_version"],
-        "mlflow_run_id": model.labels["mlflow_run_id"],
-        "data_digest": str(model.metadata["dataset_digest"]),
-    }
+    lineage = model.lineage
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     snapshot, result = report.build(
         model,

@@ -179,11 +179,27 @@ def read_log(
     files: Iterable[Path], target: LogTarget, window: Window, max_rows: int, seed: int = 0
 ) -> LogSample:
     stats = LogStats()
-    parse = LineParser(target, window, stats)
     rng = random.Random(seed)
     kept: list[Row] = []
-    # Open every file before reading any: a rotation during the read renames files, and an open file keeps
-    # its content, so no rows are read twice or missed.
+    for _line, row in rows_of_version(files, target, window, stats):
+        if stats.seen <= max_rows:
+            kept.append(row)
+        else:  # reservoir sampling: every row of the window has the same chance to be kept
+            slot = rng.randrange(stats.seen)
+            if slot < max_rows:
+                kept[slot] = row
+    stats.compared = len(kept)
+    return LogSample(frame=rows_frame(kept, target), stats=stats)
+
+
+def rows_of_version(
+    files: Iterable[Path], target: LogTarget, window: Window, stats: LogStats
+) -> Iterator[tuple[bytes, Row]]:
+    """Each line of the target version in the window, with its parsed row; counts seen and corrupt lines.
+
+    Every file is opened before any is read: a rotation during the read renames files, and an open file
+    keeps its content, so no rows are read twice or missed."""
+    parse = LineParser(target, window, stats)
     with ExitStack() as stack:
         handles = [stack.enter_context(h) for h in open_in_window(files, window, stats)]
         for line in log_lines(handles, stats):
@@ -192,17 +208,9 @@ def read_log(
             except CorruptLineError:
                 stats.corrupt += 1
                 continue
-            if row is None:
-                continue
-            stats.seen += 1
-            if stats.seen <= max_rows:
-                kept.append(row)
-            else:
-                slot = rng.randrange(stats.seen)
-                if slot < max_rows:
-                    kept[slot] = row
-    stats.compared = len(kept)
-    return LogSample(frame=rows_frame(kept, target), stats=stats)
+            if row is not None:
+                stats.seen += 1
+                yield line, row
 
 
 def open_in_window(files: Iterable[Path], window: Window, stats: LogStats) -> Iterator[IO[bytes]]:

@@ -53,8 +53,6 @@ from sklearn.exceptions import UndefinedMetricWarning
 from drift import alerts
 from drift.job import new_report_dir
 from drift.logs import (
-    CorruptLineError,
-    LineParser,
     LogStats,
     LogTarget,
     Row,
@@ -64,6 +62,7 @@ from drift.logs import (
     open_in_window,
     parse_window,
     rows_frame,
+    rows_of_version,
 )
 from drift.summary import PERFORMANCE_FILE, PerformanceSummary, write_json
 from models.errors import InputError
@@ -150,36 +149,23 @@ def read_labelled(
     lines of its ``request_id``: the service writes a request's lines together, in order.
     """
     stats = LogStats()
-    parse = LineParser(target, window, stats)
     kept: list[Row] = []
     truths: list[Any] = []
     confidence_sum, confident_rows = 0.0, 0
     previous_id, position = None, 0
-    with ExitStack() as stack:
-        handles = [stack.enter_context(h) for h in open_in_window(files, window, stats)]
-        for line in log_lines(handles, stats):
-            try:
-                row = parse(line)
-            except CorruptLineError:
-                stats.corrupt += 1
-                continue
-            if row is None:
-                continue
-            stats.seen += 1
-            record = orjson.loads(line)  # parsed again for the two keys the drift reader does not keep
-            request_id = record.get("request_id")
-            position = position + 1 if request_id == previous_id else 0
-            previous_id = request_id
-            index = record.get("row", position)
-            if (
-                target.classes is not None and np.isfinite(row[3]).all()
-            ):  # a line without probabilities: no say
-                confidence_sum += float(row[3].max())
-                confident_rows += 1
-            label = feedback.get((request_id, index)) if isinstance(request_id, str) else None
-            if label is not None:
-                kept.append(row)
-                truths.append(label)
+    for line, row in rows_of_version(files, target, window, stats):
+        record = orjson.loads(line)  # parsed again for the two keys the drift reader does not keep
+        request_id = record.get("request_id")
+        position = position + 1 if request_id == previous_id else 0
+        previous_id = request_id
+        index = record.get("row", position)
+        if target.classes is not None and np.isfinite(row[3]).all():  # without probabilities: no say
+            confidence_sum += float(row[3].max())
+            confident_rows += 1
+        label = feedback.get((request_id, index)) if isinstance(request_id, str) else None
+        if label is not None:
+            kept.append(row)
+            truths.append(label)
     stats.compared = len(kept)
     truth = pd.Series(truths, dtype=object if target.classes is not None else np.float64)
     frame = rows_frame(kept, target).assign(**{TARGET_COLUMN: truth})
@@ -302,13 +288,7 @@ def run_performance(options: PerformanceOptions, settings: Settings, say: Callab
             f"{len(feedback):,} labels in {len(feedback_files)} feedback file(s) in {options.feedback_dir}"
         )
 
-    lineage = {
-        "model": model.name,
-        "version": model.version,
-        "registered_version": model.labels["registered_version"],
-        "mlflow_run_id": model.labels["mlflow_run_id"],
-        "data_digest": str(model.metadata["dataset_digest"]),
-    }
+    lineage = model.lineage
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     header = {
         **lineage,

@@ -127,6 +127,17 @@ class StoredModel:
     def classes(self) -> list[Any] | None:
         return self.metadata.get("classes")
 
+    @property
+    def lineage(self) -> dict[str, str]:
+        """What every prediction, report and registry move names: the version, its MLflow run and its data."""
+        return {
+            "model": self.name,
+            "version": self.version,
+            "registered_version": self.labels["registered_version"],
+            "mlflow_run_id": self.labels["mlflow_run_id"],
+            "data_digest": str(self.metadata["dataset_digest"]),
+        }
+
     @classmethod
     def open(cls, tag: str) -> StoredModel:
         """Read a stored model's description and check its files (cheap: no pipeline is unpickled, except

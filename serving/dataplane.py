@@ -84,13 +84,7 @@ class DataPlane:
         self.feature_names = model.schema.names
         self.task = model.task
         self.classes = [str(label) for label in model.classes] if model.classes else None
-        self.lineage = {
-            "model": model.name,
-            "version": model.version,
-            "registered_version": model.labels["registered_version"],
-            "mlflow_run_id": model.labels["mlflow_run_id"],
-            "data_digest": model.metadata["dataset_digest"],
-        }
+        self.lineage = model.lineage
         self._lineage_end = b"," + orjson.dumps(self.lineage)[1:]  # closes a prediction-log line
         self._call_model = call_model
         # Rows are 2-D arrays in schema column order, never DataFrames: building a frame per request costs
