@@ -293,15 +293,30 @@ def simulate(
     features: Annotated[
         str | None, typer.Option(help='Comma-separated features to change, e.g. "mean radius,mean texture".')
     ] = None,
-    k: Annotated[float, typer.Option(help="shift: standard deviations to move the features by.")] = 2.0,
+    k: Annotated[
+        float,
+        typer.Option(
+            help="shift: standard deviations to move the features by; concept (regression): the true value's."
+        ),
+    ] = 2.0,
     share: Annotated[float, typer.Option(min=0.0, max=1.0, help="Fraction of the rows to change.")] = 1.0,
     seed: Annotated[
         int | None,
         typer.Option(help="Seed for drawing and changing the rows. Default: a new one each run, printed."),
     ] = None,
+    feedback: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Share of the answered rows whose true label (or value) is then sent to POST /feedback "
+            "at --url (also with --grpc).",
+        ),
+    ] = 0.0,
     model: Model = None,
 ) -> None:
-    """Send rows of the model's reference set, changed by a scenario, to a running service."""
+    """Send rows of the model's reference set, changed by a scenario, to a running service, and optionally
+    their true labels after them."""
     settings = get_settings()
     chosen = [name.strip() for name in (features or "").split(",") if name.strip()]
 
@@ -325,7 +340,13 @@ def simulate(
         finally:
             sender.close()
         _print_tally(tally, batch)
-        return 1 if tally.failed else 0
+        if not feedback:
+            return 1 if tally.failed else 0
+        labels = traffic.send_feedback(
+            url, tally.answered, plan.truth, feedback, chosen_seed, regression=stored.classes is None
+        )
+        _print_feedback(labels)
+        return 1 if tally.failed or labels.failed else 0
 
     raise typer.Exit(_guarded(run))
 
@@ -361,6 +382,15 @@ def _print_tally(tally: traffic.Tally, batch: int) -> None:
     out.print(f"  failed   {tally.failed:,}")
     for reason, count in tally.reasons.most_common(5):
         out.print(f"    {count:,} rows: {reason}")
+
+
+def _print_feedback(tally: traffic.FeedbackTally) -> None:
+    out.print(f"feedback: sent {tally.sent:,} true labels in {tally.requests:,} request(s) to POST /feedback")
+    out.print(f"  kept     {tally.kept:,} (in the feedback log)")
+    out.print(f"  refused  {tally.refused:,} (the service's reasons below)")
+    out.print(f"  failed   {tally.failed:,}")
+    for reason, count in tally.reasons.most_common(5):
+        out.print(f"    {count:,} labels: {reason}")
 
 
 @app.command()

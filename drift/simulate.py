@@ -11,10 +11,18 @@ with every model, so any model in the store can be simulated. The scenario then 
 - ``missing-spike``: the chosen features (default: all) are set missing. The service refuses a missing
   value for a feature that had none in training (``nullable`` false in the schema): those records get a
   400 (gRPC: INVALID_ARGUMENT), never reach the prediction log, and are counted as refused.
+- ``concept``: the inputs are drawn as in ``baseline``, but the relation between features and target
+  changes: in the region of one numeric feature (``--features``, default the first numeric one) above its
+  reference median, a classifier's true label becomes the next of its classes, and a regressor's true value
+  moves by k standard deviations of the target. Only the labels sent back (``--feedback``) show it.
 
 ``share`` limits the change to that fraction of the rows. Over HTTP one record goes to ``/predict``, or a
 batch to ``/predict_batch``; over gRPC a batch is one Open Inference Protocol ModelInfer call, with one
 [N, F] FP64 tensor when every feature is a number, else one tensor per feature (FP64, BOOL, BYTES).
+
+Ground truth: each row's true target (``_target`` of the reference set, changed by ``concept``) goes with
+it. With ``feedback`` above 0, that share of the answered rows gets its label (or value) sent back to
+``POST /feedback`` after the predictions, in batches, each named by its answer's request id and row.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import grpc
 import httpx
@@ -35,11 +43,12 @@ import pandas as pd
 
 from models.errors import InputError, first_line
 from models.schema import FeatureKind, FeatureSchema
-from models.store import StoredModel
+from models.store import TARGET_COLUMN, StoredModel
 from serving.oip import grpc_predict_v2_pb2 as pb
 from serving.oip import grpc_predict_v2_pb2_grpc as pb_grpc
 
 TIMEOUT_SECONDS = 30.0
+FEEDBACK_BATCH = 1000  # labels per POST /feedback: well under the service's limit (10,000 by default)
 
 
 class Scenario(StrEnum):
@@ -47,11 +56,13 @@ class Scenario(StrEnum):
     SHIFT = "shift"
     NEW_CATEGORY = "new-category"
     MISSING_SPIKE = "missing-spike"
+    CONCEPT = "concept"
 
 
 @dataclass(frozen=True)
 class Traffic:
     frame: pd.DataFrame  # one record per row as clients send it: numbers, booleans, text; NaN/None missing
+    truth: pd.Series  # each row's true label (a class, as text) or value (regression), as feedback sends it
     notes: list[str]  # what the scenario did, and what the service will make of it
 
 
@@ -69,18 +80,54 @@ def traffic(
     if unknown:
         raise InputError(f"--features: {model.name} has no feature {unknown[0]!r}; it has: {_names(schema)}")
     rng = np.random.default_rng(seed)
-    reference = model.load_reference()[schema.names]
-    frame = _client_form(schema, reference.sample(n=rows, replace=True, random_state=rng))
+    reference_set = model.load_reference()
+    reference = reference_set[schema.names]
+    drawn = reference_set.sample(n=rows, replace=True, random_state=rng).reset_index(drop=True)
+    frame = _client_form(schema, drawn[schema.names])
+    target = drawn[TARGET_COLUMN]
+    truth = target.astype(float) if model.classes is None else target.astype(str)
     changed = rng.random(rows) < share
-    if scenario is Scenario.BASELINE:
+    if scenario in (Scenario.BASELINE, Scenario.CONCEPT):
         notes = [f"{rows:,} rows drawn from the reference set of {model.tag}, unchanged"]
+        if scenario is Scenario.CONCEPT:
+            notes += _concept(model, reference_set, frame, truth, changed, features, k)
     elif scenario is Scenario.SHIFT:
         notes = _shift(schema, reference, frame, changed, features, k)
     elif scenario is Scenario.NEW_CATEGORY:
         notes = _new_category(model, frame, changed, features, rng)
     else:
         notes = _missing(schema, frame, changed, features)
-    return Traffic(frame, notes)
+    return Traffic(frame, truth, notes)
+
+
+def _concept(
+    model: StoredModel,
+    reference_set: pd.DataFrame,
+    frame: pd.DataFrame,
+    truth: pd.Series,
+    changed: np.ndarray,
+    features: list[str],
+    k: float,
+) -> list[str]:
+    """Change the truth of the changed rows in one feature's upper half; the inputs stay as drawn."""
+    numeric = model.schema.names_of(FeatureKind.NUMERIC)
+    if len(features) > 1 or (features and features[0] not in numeric):
+        raise InputError("concept takes one numeric feature in --features: the region where labels change")
+    if not numeric:
+        raise InputError(f"{model.name} has no numeric feature to mark the region where labels change")
+    name = features[0] if features else numeric[0]
+    median = float(reference_set[name].median())
+    # A region of the inputs, not a random subset: the relation between features and target changes.
+    region = changed & (frame[name] > median).to_numpy()
+    where = f"in the {region.sum():,} of {len(frame):,} rows with {name} > {median:.4g} (reference median)"
+    if model.classes is None:
+        spread = float(reference_set[TARGET_COLUMN].std())
+        truth[region] += k * spread
+        return [f"concept: the true value moved by {k:g} x {spread:.4g} {where}"]
+    classes = [str(label) for label in model.classes]
+    following = dict(zip(classes, classes[1:] + classes[:1], strict=True))
+    truth[region] = truth[region].map(following)
+    return [f"concept: the true label is the next class ({' -> '.join([*classes, classes[0]])}) {where}"]
 
 
 def _shift(
@@ -164,6 +211,14 @@ def _names(schema: FeatureSchema) -> str:
 # ---- sending -------------------------------------------------------------------------------------------
 
 
+class RowKey(NamedTuple):
+    """An answered row: its position in the traffic's frame, and how the service named it."""
+
+    position: int
+    request_id: str
+    row: int
+
+
 @dataclass(frozen=True)
 class Answer:
     accepted: int = 0  # answered: these rows are in the prediction log
@@ -171,6 +226,7 @@ class Answer:
     failed: int = 0  # the service or the network failed
     skipped: int = 0  # could not be expressed in the transport
     reason: str = ""  # of the refusal or failure
+    answered: tuple[RowKey, ...] = ()  # the accepted rows, by which feedback names them
 
 
 class Sender(Protocol):
@@ -210,7 +266,13 @@ class HttpSender:
         except httpx.HTTPError as exc:
             return Answer(failed=rows, reason=f"{type(exc).__name__}: {first_line(exc)}")
         if response.is_success:
-            return Answer(accepted=rows)
+            body = response.json()
+            answers = [body] if self.batch == 1 else body
+            keys = tuple(
+                RowKey(index, answer["request_id"], answer["row"])
+                for index, answer in zip(frame.index, answers, strict=True)
+            )
+            return Answer(accepted=rows, answered=keys)
         reason = f"HTTP {response.status_code}: {_error_text(response)}"
         if response.status_code < 500:
             return Answer(refused=rows, reason=reason)
@@ -250,13 +312,15 @@ class GrpcSender:
         if frame.empty:
             return Answer(skipped=skipped)
         try:
-            self.stub.ModelInfer(self._request(frame), timeout=TIMEOUT_SECONDS)
+            response = self.stub.ModelInfer(self._request(frame), timeout=TIMEOUT_SECONDS)
         except grpc.RpcError as exc:
             reason = f"{_grpc_code(exc)}: {_grpc_text(exc)}"
             if _grpc_code(exc) == "INVALID_ARGUMENT":
                 return Answer(refused=len(frame), skipped=skipped, reason=reason)
             return Answer(failed=len(frame), skipped=skipped, reason=reason)
-        return Answer(accepted=len(frame), skipped=skipped)
+        # OIP numbers the rows of a request from 0, in the order they were sent.
+        keys = tuple(RowKey(index, response.id, row) for row, index in enumerate(frame.index))
+        return Answer(accepted=len(frame), skipped=skipped, answered=keys)
 
     def close(self) -> None:
         self.channel.close()
@@ -319,6 +383,7 @@ class Tally:
     failed: int = 0
     skipped: int = 0
     reasons: Counter[str] = field(default_factory=Counter)  # rows per refusal or failure reason
+    answered: list[RowKey] = field(default_factory=list)
     seconds: float = 0.0
     interrupted: bool = False
 
@@ -328,6 +393,7 @@ class Tally:
         self.refused += answer.refused
         self.failed += answer.failed
         self.skipped += answer.skipped
+        self.answered.extend(answer.answered)
         if answer.reason:
             self.reasons[answer.reason] += answer.refused + answer.failed
 
@@ -351,4 +417,61 @@ def run(
     except KeyboardInterrupt:
         tally.interrupted = True
     tally.seconds = time.monotonic() - started
+    return tally
+
+
+# ---- ground truth ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class FeedbackTally:
+    requests: int = 0
+    sent: int = 0
+    kept: int = 0  # the service's `accepted`: in the feedback log
+    refused: int = 0  # listed in the service's `rejected`, each with its reason
+    failed: int = 0  # in a request that got no per-item answer (network, 5xx, 413, ...)
+    reasons: Counter[str] = field(default_factory=Counter)  # labels per refusal or failure reason
+
+
+def send_feedback(
+    url: str, answered: list[RowKey], truth: pd.Series, share: float, seed: int, regression: bool
+) -> FeedbackTally:
+    """Send the true label (or value) of `share` of the answered rows to POST /feedback, in batches."""
+    picks = np.random.default_rng(seed).random(len(answered)) < share
+    chosen = [key for key, picked in zip(answered, picks, strict=True) if picked]
+    field_name = "value" if regression else "label"
+    items = [
+        {
+            "request_id": key.request_id,
+            "row": key.row,
+            field_name: float(truth[key.position]) if regression else str(truth[key.position]),
+        }
+        for key in chosen
+    ]
+    tally = FeedbackTally()
+    with httpx.Client(timeout=TIMEOUT_SECONDS) as client:
+        for start in range(0, len(items), FEEDBACK_BATCH):
+            batch = items[start : start + FEEDBACK_BATCH]
+            tally.requests += 1
+            tally.sent += len(batch)
+            try:
+                response = client.post(
+                    f"{url.rstrip('/')}/feedback",
+                    content=orjson.dumps(batch),
+                    headers={"Content-Type": "application/json"},
+                )
+            except httpx.HTTPError as exc:
+                tally.failed += len(batch)
+                tally.reasons[f"{type(exc).__name__}: {first_line(exc)}"] += len(batch)
+                continue
+            # 200: some kept; 400: none kept, each refused item listed with its reason, unless the request
+            # as a whole was refused (e.g. more labels than the service takes at once).
+            answer = response.json() if response.status_code in (200, 400) else {}
+            if response.status_code == 200 or answer.get("rejected"):
+                tally.kept += answer["accepted"]
+                tally.refused += len(answer["rejected"])
+                tally.reasons.update(refusal["error"] for refusal in answer["rejected"])
+            else:
+                tally.failed += len(batch)
+                tally.reasons[f"HTTP {response.status_code}: {_error_text(response)}"] += len(batch)
     return tally
