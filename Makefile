@@ -30,7 +30,7 @@ serve: setup
 	.venv/bin/bentoml serve service:Tabserve --port $(PORT)
 
 # Drift (docs/drift.md): judge the last 24 h of the prediction log; send test traffic (SCENARIO=baseline,
-# shift, new-category, missing-spike) to a running `make serve`; the 1M-row measurement.
+# shift, new-category, missing-spike, concept) to a running `make serve`; the 1M-row measurement.
 SCENARIO ?= baseline
 drift-report: setup
 	$(PY) -m drift report
