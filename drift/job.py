@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from drift import alerts
 from drift.logs import LogStats, LogTarget, Window, find_log_files, parse_window, read_log
-from drift.summary import Summary, write_latest
+from drift.summary import Summary, lineage_line, write_latest
 from models.errors import InputError
 from models.store import StoredModel
 from settings import Settings
@@ -156,8 +156,7 @@ def _screen(
     summary: Summary, result: DriftResult, stats: LogStats, window: Window, settings: Settings
 ) -> list[str]:
     lines = [
-        f"{summary.model} {summary.version}: registered v{summary.registered_version}, "
-        f"MLflow run {summary.mlflow_run_id}, data {summary.data_digest}",
+        lineage_line(summary),
         f"window {window.describe()}: {_rows_text(stats)}",
         f"read {stats.describe()}",
         _verdict(result),

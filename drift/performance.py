@@ -64,7 +64,7 @@ from drift.logs import (
     rows_frame,
     rows_of_version,
 )
-from drift.summary import PERFORMANCE_FILE, PerformanceSummary, write_json
+from drift.summary import PERFORMANCE_FILE, PerformanceSummary, lineage_line, write_json
 from models.errors import InputError
 from models.evaluation import METRICS
 from models.store import PREDICTION_COLUMN, PROBABILITY_PREFIX, TARGET_COLUMN, StoredModel
@@ -361,8 +361,7 @@ def _screen(
     summary: PerformanceSummary, live: LiveRows, feedback: str, window: Window, settings: Settings
 ) -> list[str]:
     lines = [
-        f"{summary.model} {summary.version}: registered v{summary.registered_version}, "
-        f"MLflow run {summary.mlflow_run_id}, data {summary.data_digest}",
+        lineage_line(summary),
         f"window {window.describe()}: {summary.labelled_rows:,} labelled rows of {summary.rows_seen:,} seen",
         f"read {live.stats.describe()}",
         f"feedback: {feedback}",

@@ -125,3 +125,11 @@ PERFORMANCE_FIELDS = frozenset(PerformanceSummary.__dataclass_fields__)
 def read_latest_performance(reports_dir: Path, model: str) -> dict[str, Any] | None:
     """The model's latest performance summary, or None when there is none or it cannot be read as one."""
     return read_json(reports_dir / model / PERFORMANCE_FILE, PERFORMANCE_FIELDS)
+
+
+def lineage_line(summary: Summary | PerformanceSummary) -> str:
+    """The first line a report prints: the judged version and where it came from."""
+    return (
+        f"{summary.model} {summary.version}: registered v{summary.registered_version}, "
+        f"MLflow run {summary.mlflow_run_id}, data {summary.data_digest}"
+    )
