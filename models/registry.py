@@ -13,6 +13,7 @@ from typing import Any
 import mlflow
 import pandas as pd
 import skops.io
+from filelock import FileLock
 from mlflow import MlflowClient
 from mlflow.data.pandas_dataset import from_pandas
 from mlflow.entities.model_registry import ModelVersion
@@ -20,7 +21,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from sklearn.pipeline import Pipeline
 
+from models import store
 from models.errors import InputError, first_line
+from models.store import StoredModel
 from settings import Settings
 
 CHAMPION = "champion"
@@ -30,6 +33,8 @@ MODEL_CARD = "model_card.json"
 HOLDOUT_ARTIFACT = "holdout.parquet"
 HOLDOUT_CONTEXT = "testing"
 MODEL_ARTIFACT = "model"
+# Every version's BentoML store folder (models/store.py write_folder), kept with its run.
+STORE_ARTIFACT = "bentoml_model"
 # Pinned here so log_model skips MLflow's slow environment inference.
 MODEL_REQUIREMENTS = ("scikit-learn", "skops", "numpy", "pandas", "scipy")
 
@@ -150,3 +155,34 @@ def discard_version(client: MlflowClient, name: str, version: str) -> None:
     client.delete_model_version(name, version)
     if not client.search_model_versions(f"name = '{name}'"):
         client.delete_registered_model(name)
+
+
+def fetch_version(client: MlflowClient, name: str, version: str) -> StoredModel:
+    """Registered version `version` of `name` from the BentoML store; put there first, from the folder kept
+    with its MLflow run, if the store has no copy (a version that was not champion when trained, or a
+    store that is not the one it was trained into, such as an image's)."""
+    found = store.find_version(name, version)
+    if found is not None:
+        return found
+    try:
+        run_id = str(client.get_model_version(name, version).run_id)
+    except MlflowException as exc:
+        raise InputError(
+            f"no version {version} of '{name}' in the MLflow registry: {first_line(exc)}"
+        ) from None
+    # Processes sharing a store (the workers of one service) make one copy, not one each.
+    with FileLock(Path(tempfile.gettempdir()) / f"tabserve-fetch-{name}.lock", timeout=300):
+        found = store.find_version(name, version)
+        if found is not None:
+            return found
+        with tempfile.TemporaryDirectory() as folder:
+            try:
+                path = mlflow.artifacts.download_artifacts(
+                    run_id=run_id, artifact_path=STORE_ARTIFACT, dst_path=folder
+                )
+            except (OSError, MlflowException) as exc:
+                raise InputError(
+                    f"version {version} of '{name}' cannot be put into the BentoML store: its run keeps no "
+                    f"store folder ({first_line(exc)}); it was trained before versions kept one"
+                ) from None
+            return StoredModel.open(store.save_folder(name, Path(path)))

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from functools import cached_property
@@ -36,6 +37,8 @@ PIPELINE_FILE = "pipeline.joblib"
 SCHEMA_FILE = "feature_schema.json"
 REFERENCE_FILE = "reference.parquet"
 HOLDOUT_FILE = "holdout.parquet"
+# A model folder's labels and metadata, for a folder outside the store (write_folder, save_folder).
+INFO_FILE = "bentoml_model.json"
 # What a model needs to be served (models saved before their held-out rows were kept have no HOLDOUT_FILE).
 SERVED_FILES = (PIPELINE_FILE, SCHEMA_FILE, REFERENCE_FILE)
 # Reserved column names in the reference set, beside the feature columns.
@@ -79,26 +82,59 @@ def holdout_set(X: pd.DataFrame, y: pd.Series) -> pd.DataFrame:
     return X.reset_index(drop=True).assign(**{TARGET_COLUMN: y.to_numpy()})
 
 
-def save(
-    name: str,
+def write_files(
+    folder: Path, pipeline: Pipeline, schema: FeatureSchema, reference: pd.DataFrame, holdout: pd.DataFrame
+) -> dict[str, str]:
+    """Write a model's files into `folder` (the schema with the model's input limits); returns their
+    SHA-256 digests, which `open` checks."""
+    schema = schema.with_limits(finite_limits(pipeline, schema, reference.head(1)))
+    joblib.dump(pipeline, folder / PIPELINE_FILE)
+    (folder / SCHEMA_FILE).write_text(schema.model_dump_json(indent=2))
+    reference.to_parquet(folder / REFERENCE_FILE, index=False)
+    holdout.to_parquet(folder / HOLDOUT_FILE, index=False)
+    return {file: _sha256(folder / file) for file in (*SERVED_FILES, HOLDOUT_FILE)}
+
+
+def write_folder(
+    folder: Path,
     pipeline: Pipeline,
     schema: FeatureSchema,
     reference: pd.DataFrame,
     holdout: pd.DataFrame,
     labels: dict[str, str],
     metadata: dict[str, Any],
-) -> str:
-    schema = schema.with_limits(finite_limits(pipeline, schema, reference.head(1)))
-    with bentoml.models.create(name, labels=labels, metadata=metadata) as model:
-        joblib.dump(pipeline, model.path_of(PIPELINE_FILE))
-        Path(model.path_of(SCHEMA_FILE)).write_text(schema.model_dump_json(indent=2))
-        reference.to_parquet(model.path_of(REFERENCE_FILE), index=False)
-        holdout.to_parquet(model.path_of(HOLDOUT_FILE), index=False)
-        # Written into the model's metadata when the context closes.
-        model.info.metadata[FILE_DIGESTS] = {
-            file: _sha256(Path(model.path_of(file))) for file in (*SERVED_FILES, HOLDOUT_FILE)
-        }
-    return str(model.tag)
+) -> None:
+    """A model's files and its description (`INFO_FILE`): everything `save_folder` needs to put it into a
+    BentoML store, on this machine or on another one (MLflow keeps the folder with the run)."""
+    digests = write_files(folder, pipeline, schema, reference, holdout)
+    info = {"labels": labels, "metadata": {**metadata, FILE_DIGESTS: digests}}
+    (folder / INFO_FILE).write_text(json.dumps(info, indent=2))
+
+
+def save_folder(name: str, folder: Path) -> str:
+    """Put a folder made by `write_folder` into the BentoML store as a new version of `name`."""
+    try:
+        info = json.loads((folder / INFO_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{folder} is not a stored model's folder: {first_line(exc)}") from None
+    with bentoml.models.create(name, labels=info["labels"], metadata=info["metadata"]) as model:
+        for file in info["metadata"][FILE_DIGESTS]:
+            shutil.copyfile(folder / file, model.path_of(file))
+    tag = str(model.tag)
+    StoredModel.open(tag)  # the copies are checked against the digests before anyone serves them
+    return tag
+
+
+def find_version(name: str, registered_version: str) -> StoredModel | None:
+    """The newest copy of a registered version in the BentoML store, found by its labels."""
+    copies = [
+        model
+        for model in bentoml.models.list(name)
+        if model.info.labels.get("registered_version") == str(registered_version)
+    ]
+    if not copies:
+        return None
+    return StoredModel.open(str(max(copies, key=lambda model: model.creation_time).tag))
 
 
 def _sha256(path: Path) -> str:

@@ -11,6 +11,7 @@ alias or stored model behind.
 from __future__ import annotations
 
 import re
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -233,10 +234,11 @@ def train(options: TrainingOptions, settings: Settings, progress: Callable[[str]
         trained_at = datetime.now(UTC).isoformat(timespec="seconds")
         bento_tag = None
         try:
-            if decision.promote:
-                progress("Saving the champion to the BentoML model store")
-                bento_tag = store.save(
-                    name,
+            with tempfile.TemporaryDirectory() as folder:
+                # Every version's store folder is kept with its run, so that `promote` and a service that
+                # follows the champion can put any version into a BentoML store later, on any machine.
+                store.write_folder(
+                    Path(folder),
                     model,
                     schema,
                     store.reference_set(
@@ -253,7 +255,7 @@ def train(options: TrainingOptions, settings: Settings, progress: Callable[[str]
                         "mlflow_run_id": run.info.run_id,
                         "registered_model": name,
                         "registered_version": str(version.version),
-                        "alias": registry.CHAMPION,
+                        "alias": decision.alias,
                         "task": task.value,
                         "estimator": best,
                     },
@@ -274,6 +276,10 @@ def train(options: TrainingOptions, settings: Settings, progress: Callable[[str]
                         "gate": {"metric": metric.name, **gate_figures, "failed": list(decision.failed)},
                     },
                 )
+                mlflow.log_artifacts(folder, registry.STORE_ARTIFACT)
+                if decision.promote:
+                    progress("Saving the champion to the BentoML model store")
+                    bento_tag = store.save_folder(name, Path(folder))
             client.set_registered_model_alias(name, decision.alias, str(version.version))
             for key, value in {
                 "promotion": "forced"
