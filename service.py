@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+from dataclasses import dataclass
+from functools import partial
 from typing import Annotated, Any
 
 import aiohttp
@@ -31,6 +33,7 @@ from pydantic import BaseModel, Field
 
 from drift.summary import read_latest, read_latest_performance
 from models.errors import InputError
+from models.registry import CHAMPION
 from models.store import StoredModel
 from serving import oip_rest
 from serving.answered import AnsweredIndex
@@ -39,8 +42,9 @@ from serving.dataplane import DataPlane
 from serving.errors import ServingError, UnavailableError
 from serving.feedback import FeedbackDesk, feedback_route
 from serving.files import predict_file_route
+from serving.follow import Follower, registry_client, served_model
 from serving.metrics import export_latest_drift, export_latest_performance, serving_metrics
-from serving.model import InProcessModel, RowPredictor
+from serving.model import InProcessModel, RowPredictor, VersionedPredictors, with_version
 from serving.oip.grpc_server import GrpcServer, check_port_free, start_grpc_server
 from serving.predlog import JsonLinesLog
 from serving.rest import (
@@ -53,6 +57,7 @@ from serving.rest import (
     model_info_route,
     openapi_info,
 )
+from serving.shadow import SHADOW_STEM, ShadowScorer
 from serving.shutdown import CallTracker, Resume, intercept_sigterm
 from settings import get_settings
 
@@ -62,7 +67,8 @@ from settings import get_settings
 os.environ.setdefault("BENTOML_NO_UDS", "1")
 settings = get_settings()
 try:
-    champion = StoredModel.open(settings.serving_tag)
+    # The version the request model, the OpenAPI page and `bentoml build` are made from (serving/follow.py).
+    champion, follow_champion = served_model(settings)
 except InputError as exc:
     raise SystemExit(f"error: {exc}") from None
 
@@ -97,6 +103,9 @@ RUNNER_CONNECTION = {"max_requests": 2**31 - 1, "max_age": 1e9}
 GRACE_SECONDS = 30
 # The model service exits once no call has come in for this long after SIGTERM.
 QUIET_SECONDS = 2.0
+# How long a swapped-out version's model thread is kept for the calls that took it before the swap: as long
+# as a request may take.
+SWAP_GRACE_SECONDS = 60
 # How often the latest drift report (written by `python -m drift report`) is read into /metrics.
 DRIFT_REFRESH_SECONDS = 30
 
@@ -106,7 +115,7 @@ DRIFT_REFRESH_SECONDS = 30
 )
 class ModelRunner:
     def __init__(self) -> None:
-        self.predictor = RowPredictor(champion)
+        self.predictors = VersionedPredictors(champion, registry_client(settings))
         self.calls = CallTracker()
 
     @bentoml.on_startup
@@ -123,7 +132,8 @@ class ModelRunner:
         batchable=True, max_batch_size=settings.max_batch_rows, max_latency_ms=settings.max_latency_ms
     )
     def infer(self, rows: np.ndarray) -> np.ndarray:
-        """Prepared rows (schema column order) in; class probabilities or predicted values out."""
+        """Prepared rows (the registered version to score each with, then its schema's columns) in; class
+        probabilities or predicted values out."""
         return self._predict(rows)
 
     @bentoml.api
@@ -134,7 +144,17 @@ class ModelRunner:
 
     def _predict(self, rows: np.ndarray) -> np.ndarray:
         with self.calls.call():
-            return self.predictor(rows)
+            return self.predictors(rows)
+
+
+@dataclass(frozen=True)
+class Served:
+    """One version as the API worker serves it: the model, its in-process model call (None when the model
+    service holds the models) and the data plane that validates, predicts, logs and answers with it."""
+
+    model: StoredModel
+    call: InProcessModel | None
+    plane: DataPlane
 
 
 def current_plane() -> DataPlane:
@@ -152,7 +172,7 @@ def current_feedback() -> FeedbackDesk:
 # BentoML adds a mounted FastAPI app's routes to its OpenAPI page (the OIP routes are documented by the OIP).
 extra_routes = FastAPI(
     routes=[
-        model_info_route(current_plane),
+        model_info_route(lambda: bentoml.get_current_service().model_info()),
         feedback_route(current_feedback, settings.feedback_max_items),
         predict_file_route(current_plane, settings.max_upload_bytes, settings.file_chunk_rows),
         *oip_rest.routes(current_plane),
@@ -198,23 +218,40 @@ class Tabserve:
             settings.prediction_log_backups,
             on_drop=metrics.log_dropped.inc,
         )
-        self.model: InProcessModel | None = None
+        self.metrics = metrics
         if settings.model_service:
             self._coalesced = Coalescer(
                 self._call_batched,
                 max_rows=settings.max_batch_rows,
                 shared_errors=(ServiceUnavailable, aiohttp.ClientError),
             )
-        else:
-            self.model = InProcessModel(
-                RowPredictor(champion), settings.max_batch_rows, settings.max_latency_ms / 1000
-            )
         self.answered = AnsweredIndex(
             settings.log_dir,
             settings.answered_retention_hours * 3600,
             on_drop=metrics.feedback_dropped.labels(store="answered_index").inc,
         )
-        self.plane = DataPlane(champion, self._call_model, self.log, metrics, self.answered)
+        self.shadow: ShadowScorer | None = None
+        if settings.shadow:
+            self.shadow = ShadowScorer(
+                champion,
+                JsonLinesLog(
+                    settings.log_dir,
+                    settings.prediction_log_max_bytes,
+                    settings.prediction_log_backups,
+                    on_drop=metrics.log_dropped.inc,
+                    stem=SHADOW_STEM,
+                ),
+                settings.shadow_queue_batches,
+                metrics,
+            )
+        # The version served now: swapped whole by one assignment (`_swap_in`); every request takes it once.
+        self.served = self._prepare(champion)
+        self._show_served(champion, 1)
+        self.follower: Follower[Served] | None = None
+        if follow_champion and settings.reload_seconds > 0:
+            self.follower = Follower(
+                settings, CHAMPION, champion, champion, self._prepare, self._swap_in, metrics
+            )
         self.feedback_log = JsonLinesLog(
             settings.feedback_dir,
             settings.prediction_log_max_bytes,
@@ -222,9 +259,63 @@ class Tabserve:
             on_drop=metrics.feedback_dropped.labels(store="feedback_log").inc,
             stem="feedback",
         )
+        # Labels are checked against the classes, which a swap never changes (serving/follow.py).
         self.feedback = FeedbackDesk(self.plane, self.answered, self.feedback_log, metrics)
         self.grpc: GrpcServer | None = None
         self._grpc_stopped: asyncio.Future[None] | None = None
+
+    @property
+    def plane(self) -> DataPlane:
+        return self.served.plane
+
+    def _prepare(self, model: StoredModel) -> Served:
+        """A version's model call and data plane. Runs on a thread when a follower swaps versions: loading
+        the model and its first call must not hold up the event loop."""
+        if settings.model_service:
+            version = model.labels["registered_version"]
+            return Served(
+                model, None, DataPlane(model, partial(self._call_model, version), *self._plane_parts())
+            )
+        call = InProcessModel(RowPredictor(model), settings.max_batch_rows, settings.max_latency_ms / 1000)
+        return Served(model, call, DataPlane(model, call, *self._plane_parts()))
+
+    def _plane_parts(self) -> tuple[Any, ...]:
+        on_answered = self.shadow.offer if self.shadow is not None else None
+        return self.log, self.metrics, self.answered, on_answered
+
+    def _swap_in(self, model: StoredModel, served: Served) -> None:
+        """On the event loop, between model calls: requests that took the old plane finish with it."""
+        old, self.served = self.served, served
+        self._show_served(old.model, 0)
+        self._show_served(model, 1)
+        if old.call is not None:
+            # Closed on a thread: closing waits for the calls still running on the old model thread.
+            loop = asyncio.get_running_loop()
+            loop.call_later(SWAP_GRACE_SECONDS, loop.run_in_executor, None, old.call.close)
+
+    def _show_served(self, model: StoredModel, value: int) -> None:
+        self.metrics.served_version.labels(
+            model=model.name,
+            alias=CHAMPION,
+            version=model.version,
+            registered_version=model.labels["registered_version"],
+        ).set(value)
+
+    def model_info(self) -> dict[str, Any]:
+        """/model: the served version, with the alias as the registry names it now, and following."""
+        info = self.plane.model_info()
+        if self.follower is None:
+            return {**info, "following": None}
+        state = self.follower.state
+        holds = state.alias_version in (None, info["registered_version"])
+        return {**info, "alias": CHAMPION if holds else None, "following": state.as_dict()}
+
+    @bentoml.on_startup
+    async def follow_registry(self) -> None:
+        if self.follower is not None:
+            self._following = asyncio.create_task(self.follower.run())
+        if self.shadow is not None:
+            self.shadow.start(settings)
 
     @bentoml.on_deployment
     def check_grpc_port() -> None:
@@ -260,7 +351,7 @@ class Tabserve:
     @bentoml.on_startup
     async def start_grpc(self) -> None:
         if settings.grpc_port:
-            self.grpc = await start_grpc_server(self.plane, settings.grpc_host, settings.grpc_port)
+            self.grpc = await start_grpc_server(lambda: self.plane, settings.grpc_host, settings.grpc_port)
         # uvicorn drains HTTP on SIGTERM and runs on_shutdown only afterwards: gRPC must stop taking new
         # calls at the signal too.
         intercept_sigterm(self._drain_then)
@@ -269,10 +360,11 @@ class Tabserve:
         self._begin_drain()
         resume()
 
-    async def _call_model(self, rows: np.ndarray) -> np.ndarray:
+    async def _call_model(self, registered_version: str, rows: np.ndarray) -> np.ndarray:
+        """The model service's call, for a data plane of `registered_version` (in-process models are called
+        by their plane directly)."""
+        rows = with_version(rows, registered_version)
         try:
-            if self.model is not None:
-                return await self.model(rows)
             if len(rows) >= settings.max_batch_rows:
                 # The dependency's client knows its methods only once the service has started.
                 return await self._call_runner(self.runner.to_async.infer_bulk, rows)
@@ -298,6 +390,8 @@ class Tabserve:
         return result
 
     def _begin_drain(self) -> None:
+        if self.follower is not None:
+            self._following.cancel()  # no swap while draining: the new plane would not be draining
         self.plane.start_draining()
         if self.grpc is not None:
             self._grpc_stopped = asyncio.ensure_future(self.grpc.stop(grace=GRACE_SECONDS))
@@ -308,8 +402,10 @@ class Tabserve:
             self._begin_drain()
         if self._grpc_stopped is not None:
             await self._grpc_stopped
-        if self.model is not None:
-            self.model.close()
+        if self.served.call is not None:
+            self.served.call.close()
+        if self.shadow is not None:
+            await self.shadow.close()
         self.log.close()
         self.answered.close()
         self.feedback_log.close()
@@ -345,13 +441,14 @@ class Tabserve:
     ) -> Response:
         if isinstance(records, InvalidBody):
             return records.response()
+        plane = self.plane  # once: a swap during the call must not mix two versions in one answer
         try:
-            rows = self.plane.rows_from_records(records, in_a_list=not one_record)
-            batch = await self.plane.predict_rows(rows, "http", endpoint, request_id)
+            rows = plane.rows_from_records(records, in_a_list=not one_record)
+            batch = await plane.predict_rows(rows, "http", endpoint, request_id)
         except ServingError as error:
-            self.plane.refused(error, "http")
+            plane.refused(error, "http")
             return error_response(error)
-        answers = self.plane.responses(batch)
+        answers = plane.responses(batch)
         return Response(
             orjson.dumps(answers[0] if one_record else answers),
             media_type="application/json",

@@ -62,6 +62,20 @@ class Settings(BaseSettings):
         "one copy of the model) instead of in each API worker (no hop between processes: faster for "
         "small models).",
     )
+    reload_seconds: float = Field(
+        default=30,
+        ge=0,
+        description="How often each worker asks the registry which version holds the champion alias, and "
+        "swaps it in when it moves (0: never). Not with model_tag, which pins one version.",
+    )
+    shadow: bool = Field(
+        default=False,
+        description="Also score every answered batch with the challenger version, off the hot path, "
+        "and log its outputs beside the champion's (<prediction log dir>/shadow-*.jsonl).",
+    )
+    shadow_queue_batches: int = Field(
+        default=256, ge=1, description="Batches waiting for the shadow challenger; more are dropped."
+    )
     access_log: bool = Field(
         default=False,
         description="BentoML's access log line per HTTP request (costs about a tenth of the throughput).",

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import bentoml
 import joblib
+import numpy as np
 import pandas as pd
 from bentoml.exceptions import BentoMLException, NotFound
 
@@ -135,6 +136,21 @@ def find_version(name: str, registered_version: str) -> StoredModel | None:
     if not copies:
         return None
     return StoredModel.open(str(max(copies, key=lambda model: model.creation_time).tag))
+
+
+def reproduction_problem(model: StoredModel) -> str | None:
+    """Why `model` does not give again the predictions stored with its reference rows when it was saved, or
+    None if it does: a version whose files load but whose libraries score differently must not be served."""
+    reference = model.load_reference()
+    result = predict(model.pipeline, reference[model.schema.names], model.task)
+    if result.probabilities is not None and result.classes is not None:
+        stored = reference[[f"{PROBABILITY_PREFIX}{label}" for label in result.classes]].to_numpy()
+        if not np.allclose(result.probabilities, stored, rtol=0, atol=1e-9):
+            return "its reference rows' class probabilities differ from those stored with it"
+        return None
+    if not np.allclose(result.labels.astype(float), reference[PREDICTION_COLUMN].to_numpy(dtype=float)):
+        return "its reference rows' predicted values differ from those stored with it"
+    return None
 
 
 def _sha256(path: Path) -> str:

@@ -34,6 +34,9 @@ from serving.predlog import JsonLinesLog
 # (classification) or values (regression) out. An array, not a DataFrame: BentoML 1.4's batching dispatcher
 # cannot size DataFrame batches.
 ModelCall = Callable[[np.ndarray], Awaitable[np.ndarray]]
+# Told of every answered batch after its answer is made (the shadow challenger: serving/shadow.py): the rows,
+# the batch, and the plane that answered. Must not block.
+AnsweredHook = Callable[[np.ndarray, "PredictionBatch", "DataPlane"], None]
 # A request id that a client chooses (HTTP X-Request-Id, OIP `id`): logged with every row and named again by
 # the labels of /feedback, so it must be short and plain.
 MAX_REQUEST_ID = 128
@@ -76,6 +79,7 @@ class DataPlane:
         log: JsonLinesLog,
         metrics: ServingMetrics,
         answered: AnsweredIndex | None = None,
+        on_answered: AnsweredHook | None = None,
     ) -> None:
         self.model = model
         self.name = model.name
@@ -100,6 +104,7 @@ class DataPlane:
         self._output_names = ["label", "probabilities"] if self.classes else ["label"]
         self._log = log
         self._answered = answered
+        self._on_answered = on_answered
         self._metrics = metrics
         self._draining = False
         # Unknown categories can be named only where the stored list of seen categories is complete.
@@ -253,6 +258,8 @@ class DataPlane:
             unknown_categories=self._unknown_categories(rows),
         )
         self._record(rows, batch, transport, endpoint)
+        if self._on_answered is not None:
+            self._on_answered(rows, batch, self)
         return batch
 
     async def infer(self, request: InferRequest, transport: str) -> tuple[list[OutputTensor], str]:

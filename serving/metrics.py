@@ -35,6 +35,12 @@ class ServingMetrics:
     live_labelled_rows: Any  # Gauge: labelled live rows the latest performance report judged
     live_degraded: Any  # Gauge: 1 if the latest performance report found the metric degraded
     performance_report_time: Any  # Gauge: when the latest performance report finished (Unix seconds)
+    served_version: Any  # Gauge, per worker: 1 for the version each alias's model is served from, else 0
+    model_swaps: (
+        Any  # Counter: versions that took an alias, by what the worker did (swapped, incompatible...)
+    )
+    restart_needed: Any  # Gauge: 1 while a version holding the alias cannot be swapped in without a restart
+    shadow_dropped: Any  # Counter: batches the shadow challenger did not score (its queue was full)
 
 
 @functools.cache
@@ -123,6 +129,28 @@ def serving_metrics() -> ServingMetrics:
             "When the latest performance report finished, in Unix seconds",
             ["model", "version"],
             multiprocess_mode="mostrecent",
+        ),
+        # One series per worker (multiprocess mode "all" adds its pid): each worker swaps on its own.
+        served_version=Gauge(
+            "tabserve_served_version",
+            "1 for the version a worker serves for an alias (champion, or challenger in shadow), else 0",
+            ["model", "alias", "version", "registered_version"],
+            multiprocess_mode="all",
+        ),
+        model_swaps=Counter(
+            "tabserve_model_swaps",
+            "Versions that took the followed alias, by result: swapped, incompatible (a restart is "
+            "needed), unusable; and outages of the registry (registry_unreachable)",
+            ["model", "alias", "result"],
+        ),
+        restart_needed=Gauge(
+            "tabserve_restart_needed",
+            "1 while the version holding the alias cannot be served without a restart (incompatible)",
+            ["model", "alias"],
+            multiprocess_mode="max",
+        ),
+        shadow_dropped=Counter(
+            "tabserve_shadow_dropped", "Batches the shadow challenger did not score: its queue was full"
         ),
     )
 

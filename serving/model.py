@@ -10,15 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from mlflow import MlflowClient
 
+from models.errors import InputError
+from models.registry import fetch_version
 from models.store import StoredModel
 from serving.coalesce import Coalescer
 from serving.metrics import serving_metrics
 
 SWITCH_INTERVAL_SECONDS = 0.001
+# Versions the model service keeps loaded: during a swap, the API workers' calls name the old one and the
+# new one.
+KEPT_VERSIONS = 2
 
 
 class RowPredictor:
@@ -39,6 +47,50 @@ class RowPredictor:
         if self._classification:
             return np.asarray(self._pipeline.predict_proba(frame))
         return np.asarray(self._pipeline.predict(frame))
+
+
+def with_version(rows: np.ndarray, registered_version: str) -> np.ndarray:
+    """Rows for the model service: the registered version to score them with, in a leading column (a
+    number, so that all-numeric rows stay float64)."""
+    return np.column_stack((np.full(len(rows), float(registered_version)), rows))
+
+
+class VersionedPredictors:
+    """The model service's models. Each row (see `with_version`) is scored with the version that the API
+    worker which sent it serves: the API workers decide when to swap, and rows of two versions may share
+    one batch meanwhile. A version not loaded yet is fetched (models/registry.py) on first use."""
+
+    def __init__(self, first: StoredModel, client: MlflowClient | None) -> None:
+        self._name = first.name
+        self._client = client
+        self._loaded = OrderedDict({first.labels["registered_version"]: RowPredictor(first)})
+        self._loading = threading.Lock()  # BentoML runs a sync API's calls on several threads
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        versions, features = rows[:, 0], rows[:, 1:]
+        distinct = np.unique(versions.astype(np.float64))
+        if len(distinct) == 1:
+            return self._predictor(distinct[0])(features)
+        parts = {version: self._predictor(version)(features[versions == version]) for version in distinct}
+        first = next(iter(parts.values()))
+        outputs = np.empty((len(rows), *first.shape[1:]), dtype=first.dtype)
+        for version, part in parts.items():
+            outputs[versions == version] = part
+        return outputs
+
+    def _predictor(self, version_number: float) -> RowPredictor:
+        version = str(int(version_number))
+        with self._loading:
+            if version not in self._loaded:
+                if self._client is None:
+                    raise InputError(
+                        f"version {version} of '{self._name}' is not loaded and no registry is set"
+                    )
+                self._loaded[version] = RowPredictor(fetch_version(self._client, self._name, version))
+                while len(self._loaded) > KEPT_VERSIONS:
+                    self._loaded.popitem(last=False)
+            self._loaded.move_to_end(version)
+            return self._loaded[version]
 
 
 class InProcessModel:

@@ -21,7 +21,6 @@ from starlette.responses import Response
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from models.store import StoredModel
-from serving.dataplane import DataPlane
 from serving.errors import ServingError
 from serving.metrics import refusals_of_this_request, serving_metrics
 
@@ -146,15 +145,16 @@ async def _send_error(send: Any, status: int, message: str, _reason: str) -> Non
     await send({"type": "http.response.body", "body": body})
 
 
-def model_info_route(current_plane: Callable[[], DataPlane]) -> APIRoute:
+def model_info_route(current_info: Callable[[], dict[str, Any]]) -> APIRoute:
     async def model_info(_request: Request) -> Response:
-        return Response(orjson.dumps(current_plane().model_info()), media_type="application/json")
+        return Response(orjson.dumps(current_info()), media_type="application/json")
 
     return APIRoute(
         "/model",
         model_info,
         methods=["GET"],
-        summary="The served model: name, version, alias, MLflow run, metrics, feature schema, classes",
+        summary="The served model: name, version, alias, MLflow run, metrics, feature schema, classes, "
+        "following the registry",
         response_class=Response,
         openapi_extra={
             "responses": {

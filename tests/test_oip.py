@@ -801,7 +801,7 @@ class Running:
 @pytest.fixture(scope="module")
 def served(new_plane: PlaneFactory, loop: Loop) -> Iterator[Running]:
     plane = new_plane()
-    server = loop.run(start_grpc_server(plane, "127.0.0.1", 0))
+    server = loop.run(start_grpc_server(lambda: plane, "127.0.0.1", 0))
     yield Running(f"127.0.0.1:{server.port}", plane, server)
     loop.run(server.stop(grace=1))
 
@@ -958,7 +958,8 @@ def test_unexpected_errors_are_internal_without_details(new_plane: PlaneFactory,
     async def broken(frame: pd.DataFrame) -> np.ndarray:
         raise RuntimeError("secret detail")
 
-    server = loop.run(start_grpc_server(new_plane(broken), "127.0.0.1", 0))
+    plane = new_plane(broken)
+    server = loop.run(start_grpc_server(lambda: plane, "127.0.0.1", 0))
     try:
         frame, _ = toy_table(2, seed=6)
         error = infer_error(f"127.0.0.1:{server.port}", "toy", triton_inputs(frame))
@@ -979,7 +980,8 @@ def test_stop_drains_in_flight_requests_and_reports_not_serving(
         await release.wait()
         return toy.probabilities(frame)
 
-    server = loop.run(start_grpc_server(new_plane(slow), "127.0.0.1", 0))
+    plane = new_plane(slow)
+    server = loop.run(start_grpc_server(lambda: plane, "127.0.0.1", 0))
     target = f"127.0.0.1:{server.port}"
     frame, _ = toy_table(2, seed=7)
     with ThreadPoolExecutor(2) as pool, grpc.insecure_channel(target) as channel:
@@ -1011,9 +1013,9 @@ def test_port_in_use_is_a_clear_error_and_workers_can_share_a_port(
         taken.listen()
         port = taken.getsockname()[1]
         with pytest.raises(GrpcBindError, match=f"127.0.0.1:{port}"):
-            loop.run(start_grpc_server(plane, "127.0.0.1", port))
-    first = loop.run(start_grpc_server(plane, "127.0.0.1", 0))
-    second = loop.run(start_grpc_server(plane, "127.0.0.1", first.port))
+            loop.run(start_grpc_server(lambda: plane, "127.0.0.1", port))
+    first = loop.run(start_grpc_server(lambda: plane, "127.0.0.1", 0))
+    second = loop.run(start_grpc_server(lambda: plane, "127.0.0.1", first.port))
     try:
         assert second.port == first.port
         assert triton_grpc.InferenceServerClient(f"127.0.0.1:{first.port}").is_server_live()

@@ -82,7 +82,7 @@ def _translating_errors(handler: _Handler[_Request, _Response]) -> _RawHandler[_
         try:
             return await handler(self, _parse(request_type, request_bytes), context)
         except ServingError as error:
-            self.plane.refused(error, TRANSPORT)
+            self.current_plane().refused(error, TRANSPORT)
             await _abort(context, grpc.StatusCode[error.grpc_code], error.message)
         except Exception:
             logger.exception("gRPC %s failed", handler.__name__)
@@ -192,8 +192,11 @@ async def _abort(context: Any, code: grpc.StatusCode, message: str) -> NoReturn:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, plane: DataPlane) -> None:
-        self.plane = plane
+    """Each call takes the served data plane once and uses only it: the service may swap in another version
+    (another plane) between calls."""
+
+    def __init__(self, current_plane: Callable[[], DataPlane]) -> None:
+        self.current_plane = current_plane
 
     @_translating_errors
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
@@ -201,26 +204,28 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_translating_errors
     async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self.plane.is_ready())
+        return pb.ServerReadyResponse(ready=self.current_plane().is_ready())
 
     @_translating_errors
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
-        self.plane.check_model(request.name, request.version or None)
-        return pb.ModelReadyResponse(ready=self.plane.is_ready())
+        plane = self.current_plane()
+        plane.check_model(request.name, request.version or None)
+        return pb.ModelReadyResponse(ready=plane.is_ready())
 
     @_translating_errors
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: Any
     ) -> pb.ServerMetadataResponse:
-        metadata = self.plane.server_metadata()
+        metadata = self.current_plane().server_metadata()
         return pb.ServerMetadataResponse(
             name=metadata["name"], version=metadata["version"], extensions=metadata.get("extensions", [])
         )
 
     @_translating_errors
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
-        self.plane.check_model(request.name, request.version or None)
-        metadata = self.plane.model_metadata()
+        plane = self.current_plane()
+        plane.check_model(request.name, request.version or None)
+        metadata = plane.model_metadata()
         return pb.ModelMetadataResponse(
             name=metadata["name"],
             versions=metadata.get("versions", []),
@@ -232,12 +237,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @_translating_errors
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         started = time.perf_counter()
-        self.plane.check_model(request.model_name, request.model_version or None)
-        outputs, request_id = await self.plane.infer(decode_grpc_request(request), TRANSPORT)
+        plane = self.current_plane()
+        plane.check_model(request.model_name, request.model_version or None)
+        outputs, request_id = await plane.infer(decode_grpc_request(request), TRANSPORT)
         response = encode_grpc_response(
-            self.plane.name, self.plane.version, request_id, outputs, raw=bool(request.raw_input_contents)
+            plane.name, plane.version, request_id, outputs, raw=bool(request.raw_input_contents)
         )
-        self.plane.observe(TRANSPORT, "infer", started)
+        plane.observe(TRANSPORT, "infer", started)
         return response
 
 
@@ -284,9 +290,9 @@ def check_port_free(host: str, port: int) -> None:
             ) from None
 
 
-async def start_grpc_server(plane: DataPlane, host: str, port: int) -> GrpcServer:
-    """Serve `plane` on host:port (port 0: any free port). The port is bound with SO_REUSEPORT, so that
-    several worker processes can share it."""
+async def start_grpc_server(current_plane: Callable[[], DataPlane], host: str, port: int) -> GrpcServer:
+    """Serve the data plane that `current_plane` gives (per call) on host:port (port 0: any free port). The
+    port is bound with SO_REUSEPORT, so that several worker processes can share it."""
     server = grpc.aio.server(
         interceptors=[UndecodableIsInvalidArgument()],
         options=[
@@ -295,12 +301,12 @@ async def start_grpc_server(plane: DataPlane, host: str, port: int) -> GrpcServe
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ],
     )
-    _add_inference_service(InferenceServicer(plane), server)
+    _add_inference_service(InferenceServicer(current_plane), server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     status = (
         health_pb2.HealthCheckResponse.SERVING
-        if plane.is_ready()
+        if current_plane().is_ready()
         else health_pb2.HealthCheckResponse.NOT_SERVING
     )
     for service in ("", SERVICE_NAME):
