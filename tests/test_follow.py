@@ -9,7 +9,9 @@ breaks and comes back (keeps serving); then a model-service server starts on v3 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,6 +24,8 @@ import orjson
 import pytest
 
 from models.data import load_default
+from models.store import PROBABILITY_PREFIX, REFERENCE_FILE, StoredModel, reproduction_problem
+from serving.follow import request_incompatibility
 from serving.oip import grpc_predict_v2_pb2 as pb
 from serving.oip import grpc_predict_v2_pb2_grpc as pb_grpc
 from tests.conftest import Stores, assert_ok, free_port, run_train, start_server, wait_ready
@@ -295,3 +299,31 @@ def test_model_service_layout_swaps(
         assert model_service.info()["registered_version"] == "4"
     finally:
         next(served_iter, None)
+
+
+def test_a_version_must_reproduce_its_reference_predictions(
+    stores: Stores, default_model: object, tmp_path: Path
+) -> None:
+    model = StoredModel.open("breast_cancer:latest")
+    assert reproduction_problem(model) is None
+    copy = tmp_path / "model"
+    shutil.copytree(model.path, copy)
+    reference = model.load_reference()
+    reference[PROBABILITY_PREFIX + "benign"] += 1e-6  # as if another library version scored it
+    reference.to_parquet(copy / REFERENCE_FILE, index=False)
+    problem = reproduction_problem(dataclasses.replace(model, path=copy))
+    assert problem == "its reference rows' class probabilities differ from those stored with it"
+
+
+def test_a_version_must_take_the_same_requests(stores: Stores, default_model: object) -> None:
+    model = StoredModel.open("breast_cancer:latest")
+    assert request_incompatibility(model, model) is None
+    features = [f.model_copy(update={"nullable": True}) for f in model.schema.features]
+    nullable = dataclasses.replace(model, schema=model.schema.model_copy(update={"features": features}))
+    assert request_incompatibility(model, nullable) == (
+        "feature 'mean radius': the new version allows missing values"
+    )
+    other_classes = dataclasses.replace(model, metadata={**model.metadata, "classes": ["a", "b"]})
+    assert request_incompatibility(model, other_classes) == (
+        "the classes were ['benign', 'malignant'], are now ['a', 'b']"
+    )
