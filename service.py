@@ -38,7 +38,7 @@ from models.store import StoredModel
 from serving import oip_rest
 from serving.answered import AnsweredIndex
 from serving.coalesce import Coalescer, WaitTimeoutError
-from serving.dataplane import DataPlane
+from serving.dataplane import DataPlane, ModelCall
 from serving.errors import ServingError, UnavailableError
 from serving.feedback import FeedbackDesk, feedback_route
 from serving.files import predict_file_route
@@ -271,13 +271,17 @@ class Tabserve:
     def _prepare(self, model: StoredModel) -> Served:
         """A version's model call and data plane. Runs on a thread when a follower swaps versions: loading
         the model and its first call must not hold up the event loop."""
+        call: InProcessModel | None = None
+        model_call: ModelCall
         if settings.model_service:
-            version = model.labels["registered_version"]
-            return Served(
-                model, None, DataPlane(model, partial(self._call_model, version), *self._plane_parts())
+            model_call = partial(self._call_model_service, model.labels["registered_version"])
+        else:
+            call = InProcessModel(
+                RowPredictor(model), settings.max_batch_rows, settings.max_latency_ms / 1000
             )
-        call = InProcessModel(RowPredictor(model), settings.max_batch_rows, settings.max_latency_ms / 1000)
-        return Served(model, call, DataPlane(model, call, *self._plane_parts()))
+            model_call = call
+        plane = DataPlane(model, partial(self._call_model, model_call), *self._plane_parts())
+        return Served(model, call, plane)
 
     def _plane_parts(self) -> tuple[Any, ...]:
         on_answered = self.shadow.offer if self.shadow is not None else None
@@ -360,21 +364,24 @@ class Tabserve:
         self._begin_drain()
         resume()
 
-    async def _call_model(self, registered_version: str, rows: np.ndarray) -> np.ndarray:
-        """The model service's call, for a data plane of `registered_version` (in-process models are called
-        by their plane directly)."""
-        rows = with_version(rows, registered_version)
+    @staticmethod
+    async def _call_model(model_call: ModelCall, rows: np.ndarray) -> np.ndarray:
         try:
-            if len(rows) >= settings.max_batch_rows:
-                # The dependency's client knows its methods only once the service has started.
-                return await self._call_runner(self.runner.to_async.infer_bulk, rows)
-            return await self._coalesced(rows)
+            return await model_call(rows)
         except (ServiceUnavailable, WaitTimeoutError):
             raise UnavailableError(
                 f"the model is overloaded: no answer within the batching deadline "
                 f"({settings.max_latency_ms} ms); retry later",
                 "overloaded",
             ) from None
+
+    async def _call_model_service(self, registered_version: str, rows: np.ndarray) -> np.ndarray:
+        """The model service's call for a data plane of `registered_version`."""
+        rows = with_version(rows, registered_version)
+        if len(rows) >= settings.max_batch_rows:
+            # The dependency's client knows its methods only once the service has started.
+            return await self._call_runner(self.runner.to_async.infer_bulk, rows)
+        return await self._coalesced(rows)
 
     async def _call_batched(self, rows: np.ndarray) -> np.ndarray:
         return await self._call_runner(self.runner.to_async.infer, rows)
