@@ -38,7 +38,7 @@ from drift import alerts
 from drift.logs import LogStats, LogTarget, find_log_files, parse_window
 from drift.performance import find_feedback_files, read_feedback, read_labelled
 from drift.summary import read_latest, read_latest_performance
-from models import registry
+from models import registry, store
 from models.data import DEFAULT_SOURCE, Task
 from models.errors import InputError
 from models.evaluation import METRICS
@@ -129,6 +129,7 @@ def earlier_run(key: str) -> str | None:
 
 
 def retrain(options: RetrainOptions, settings: Settings, say: Callable[[str], None]) -> int:
+    store.check_writable(settings.bentoml_home)  # before anything: the champion is fetched into it
     client = registry.connect(settings)
     champion = registry.current_champion(client, options.name)
     if champion is None:
