@@ -198,9 +198,13 @@ def retrain_command(
     on its original data plus the labelled live rows, through the gate. Exit 0: nothing to do or
     promoted; 1: trained, refused by the gate; 2: cannot judge or error."""
     settings = get_settings()
-    options = _retrain_options(
-        settings, name, force, reason, by, window, min_live_rows, margin, tolerance, webhook
-    )
+    try:
+        options = _retrain_options(
+            settings, name, force, reason, by, window, min_live_rows, margin, tolerance, webhook
+        )
+    except InputError as exc:
+        err.print(f"error: {exc}")
+        raise typer.Exit(CANNOT_JUDGE) from None
     raise typer.Exit(_retrain_once(options, settings))
 
 

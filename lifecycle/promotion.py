@@ -180,6 +180,12 @@ def _sound_version(
     client: MlflowClient, name: str, version: str
 ) -> tuple[StoredModel, dict[str, object], Metric]:
     """The version in the local store with its files checked, its model card and its metric."""
+    try:
+        client.get_model_version(name, version)
+    except MlflowException as exc:
+        raise InputError(
+            f"no version {version} of '{name}' in the MLflow registry: {first_line(exc)}"
+        ) from None
     target = registry.fetch_version(client, name, version)  # opening checks every file's digest
     target.pipeline  # noqa: B018  (unpickled now: a damaged pipeline refuses here, not after the move)
     run_id = target.labels["mlflow_run_id"]

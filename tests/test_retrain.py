@@ -11,6 +11,7 @@ then a person promotes); a store that cannot be written (the registry as it was)
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -242,3 +243,77 @@ def test_a_failure_mid_run_leaves_the_registry_as_it_was(loop: Loop, tmp_path: P
     assert "error: " in result.stderr
     assert "Traceback" not in result.stderr
     assert (sorted(loop.versions()), loop.champion()) == before
+
+
+def test_changed_original_data_is_refused_with_its_digests(stores: Stores, tmp_path: Path) -> None:
+    name = "retrain-changed-data"
+    original = tmp_path / "original.csv"
+    breast_cancer().iloc[:150].to_csv(original, index=False)
+    assert_ok(run_train(stores, "--data", str(original), "--target", "diagnosis", "--name", name))
+    flip(breast_cancer().iloc[:150], 0.1, seed=2).to_csv(original, index=False)  # edited in place
+    env = stores.env(
+        TABSERVE_PREDICTION_LOG_DIR=str(tmp_path / "none"), TABSERVE_FEEDBACK_LOG_DIR=str(tmp_path)
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "lifecycle", "retrain", name, "--force", "--reason", "weekly"],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert f"error: the training data at {original} changed since the champion was trained" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert [str(v.version) for v in stores.client().search_model_versions(f"name = '{name}'")] == ["1"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["retrain", NAME, "--window", "soon"], "--since 'soon' is neither a duration"),
+        (["retrain", NAME, "--webhook", "ftp://hook"], "--webhook must be an http:// or https:// URL"),
+        (["promote", NAME, "99"], f"no version 99 of '{NAME}' in the MLflow registry"),
+        (["promote", "never-registered", "1"], "no version 1 of 'never-registered'"),
+        (["rollback", "never-registered"], "'never-registered' has no champion to roll back"),
+        (["schedule", NAME, "--every", "1s"], "--every 1s is too short"),
+    ],
+)
+def test_bad_input_is_a_clear_exit_2(stores: Stores, args: list[str], message: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "lifecycle", *args],
+        cwd=PROJECT_ROOT,
+        env=stores.env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_the_schedule_runs_the_loop_at_once_and_stops_on_sigterm(loop: Loop) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lifecycle", "schedule", NAME, "--every", "1h"],
+        cwd=PROJECT_ROOT,
+        env=loop.env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        lines = []
+        for line in process.stderr or []:
+            lines.append(line)
+            if line.startswith("retrain finished with exit code"):
+                break
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    text = "".join(lines)
+    assert "reporting every 1:00:00" in text
+    assert "retrain finished with exit code 0" in text  # no report of champion v4 calls for one
