@@ -41,6 +41,13 @@ simulate: setup
 drift-bench: setup
 	$(PY) -m drift bench
 
+# The retraining loop once (docs/lifecycle.md): exit 0 nothing to do or promoted, 1 refused by the gate, 2 cannot
+# judge. MODEL=breast_cancer by default; RETRAIN_OPTS, e.g. --force --reason weekly.
+.PHONY: retrain
+MODEL ?= breast_cancer
+retrain: setup
+	$(PY) -m lifecycle retrain $(MODEL) $(RETRAIN_OPTS)
+
 # The bento's Python requirements (bentofile.yaml): the lock file's exact versions without the dev tools.
 # Committed, so that a plain `bentoml build` works in a fresh clone; remade here whenever uv.lock changes,
 # and tests/test_deploy_bento.py fails while it differs from the lock.

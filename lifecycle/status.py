@@ -17,6 +17,7 @@ PROMOTION_TAG = "promotion"
 REASON_TAG = "gate_reason"
 DIGEST_TAG = "dataset_digest"
 BENTO_TAG = "bento_tag"
+TRIGGER_TAG = "trigger"  # what set a retrain off (lifecycle/retrain.py); "-" for a training by hand
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class VersionStatus:
     score: float | None  # the run's held-out score on `metric`
     data_digest: str
     bento_tag: str
+    trigger: str
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,7 @@ def versions(client: MlflowClient, name: str) -> list[VersionStatus]:
                 score=run.data.metrics.get(f"test_{metric}") if metric else None,
                 data_digest=tags.get(DIGEST_TAG, "-"),
                 bento_tag=tags.get(BENTO_TAG, "-"),
+                trigger=tags.get(TRIGGER_TAG, "-"),
             )
         )
     return sorted(statuses, key=lambda status: int(status.version), reverse=True)

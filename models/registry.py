@@ -186,3 +186,19 @@ def fetch_version(client: MlflowClient, name: str, version: str) -> StoredModel:
                     f"store folder ({first_line(exc)}); it was trained before versions kept one"
                 ) from None
             return StoredModel.open(store.save_folder(name, Path(path)))
+
+
+# The versions that held the champion alias, oldest first, as a registered-model tag ("1,3,4"): every move
+# of the alias (training, promote) pushes, and `rollback` pops back to the one before.
+HISTORY_TAG = "champion_history"
+
+
+def champion_history(client: MlflowClient, name: str) -> list[str]:
+    tags = client.get_registered_model(name).tags
+    return [version for version in tags.get(HISTORY_TAG, "").split(",") if version]
+
+
+def set_champion(client: MlflowClient, name: str, version: str, history: list[str]) -> None:
+    """Move the champion alias to `version` and record `history` (which ends with it) beside it."""
+    client.set_registered_model_alias(name, CHAMPION, version)
+    client.set_registered_model_tag(name, HISTORY_TAG, ",".join(history))

@@ -10,6 +10,7 @@ alias or stored model behind.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import tempfile
 import time
@@ -25,12 +26,12 @@ import matplotlib.pyplot as plt
 import mlflow
 import pandas as pd
 from mlflow import MlflowClient
-from mlflow.data.pandas_dataset import from_pandas
+from mlflow.data.pandas_dataset import PandasDataset, from_pandas
 from sklearn.pipeline import Pipeline
 
 from models import registry, store
 from models.candidates import candidates
-from models.data import Task, load_default, load_table, resolve_task, split, validate
+from models.data import Table, Task, load_default, load_table, resolve_task, split, validate
 from models.errors import InputError
 from models.evaluation import (
     DEFAULT_METRIC,
@@ -48,6 +49,11 @@ from settings import Settings
 
 # BentoML tag names: lowercase letters, digits, '-', '_' and '.', starting and ending with a letter or digit.
 MODEL_NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$")
+# A run's dataset inputs: the training table (its source and digest) and the labelled live rows added to it.
+TRAINING_CONTEXT = "training"
+LIVE_CONTEXT = "live"
+# Run tag of a retrain: a retrain with the same key (trigger and labelled rows) already ran.
+RETRAIN_KEY_TAG = "retrain_key"
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,11 @@ class TrainingOptions:
     seed: int = 42
     test_size: float = 0.2
     cv_folds: int = 5
+    # Retraining (lifecycle/retrain.py): labelled live rows added to the table (its feature columns and
+    # target), what set the retrain off, and the digest the table must still have.
+    live_rows: pd.DataFrame | None = None
+    trigger: str | None = None
+    expected_digest: str | None = None
 
 
 @dataclass(frozen=True)
@@ -81,6 +92,7 @@ class TrainingResult:
     champion_after: str | None
     bento_tag: str | None
     dataset_digest: str
+    gate_figures: dict[str, float] = field(default_factory=dict)
     seconds: float = field(default=0.0)
 
 
@@ -127,6 +139,22 @@ def train(options: TrainingOptions, settings: Settings, progress: Callable[[str]
     task = resolve_task(table.target, options.task)
     metric = resolve_metric(options.metric, task)
     table = validate(table, task, options.test_size, options.cv_folds)
+    dataset = training_dataset(table, name)
+    if options.expected_digest is not None and dataset.digest != options.expected_digest:
+        raise InputError(
+            f"the training data at {table.source} changed since the champion was trained: digest "
+            f"{dataset.digest}, recorded {options.expected_digest}; retrain by hand with `python train.py`"
+        )
+    live = (
+        None
+        if options.live_rows is None
+        else live_dataset(
+            options.live_rows, name, list(map(str, table.features.columns)), str(table.target.name)
+        )
+    )
+    if live is not None:
+        progress(f"  adding {len(live.df)} labelled live rows (digest {live.digest})")
+        table = validate(with_rows(table, live.df), task, options.test_size, options.cv_folds)
     schema = FeatureSchema.infer(table.features)
     parts = split(table, task, options.test_size, options.seed)
     X_train, X_test = schema.prepare(parts.X_train), schema.prepare(parts.X_test)
@@ -138,15 +166,6 @@ def train(options: TrainingOptions, settings: Settings, progress: Callable[[str]
     progress("Checking the MLflow and BentoML stores")
     store.check_writable(settings.bentoml_home)
     client = registry.connect(settings)
-    with warnings.catch_warnings():
-        # MLflow warns that a local path "can be interpreted in multiple ways"; both ways are the same source.
-        warnings.simplefilter("ignore", UserWarning)
-        dataset = from_pandas(
-            pd.concat([table.features, table.target], axis=1),
-            source=table.source,
-            targets=str(table.target.name),
-            name=name,
-        )
 
     with mlflow.start_run(run_name=f"train-{name}") as run:
         mlflow.log_params(
@@ -161,9 +180,20 @@ def train(options: TrainingOptions, settings: Settings, progress: Callable[[str]
                 "tolerance": options.tolerance,
                 "force": options.force,
                 "dropped_columns": ",".join(options.drop) or "-",
+                "trigger": options.trigger or "-",
+                "live_rows": 0 if live is None else len(live.df),
             }
         )
-        mlflow.log_input(dataset, context="training")
+        mlflow.log_input(dataset, context=TRAINING_CONTEXT)
+        if live is not None:
+            mlflow.log_input(live, context=LIVE_CONTEXT)
+        if options.trigger is not None:
+            mlflow.set_tags(
+                {
+                    "trigger": options.trigger,
+                    RETRAIN_KEY_TAG: retrain_key(options.trigger, live.digest if live else "-"),
+                }
+            )
 
         pipelines = candidates(task, schema, options.seed)
         progress(f"Cross-validating {len(pipelines)} candidates ({options.cv_folds} folds, {metric.name})")
@@ -201,30 +231,10 @@ def train(options: TrainingOptions, settings: Settings, progress: Callable[[str]
         baseline = dummy_baseline(task, X_train, parts.y_train)
         baseline_metrics = test_metrics(baseline, X_test, parts.y_test, task)
         mlflow.log_metrics({f"dummy_test_{key}": value for key, value in baseline_metrics.items()})
-        new_score, baseline_score = metrics[metric.name], baseline_metrics[metric.name]
-        gate_figures = {"new_rows_new": new_score, "new_rows_baseline": baseline_score}
         champion = registry.current_champion(client, name)
-        if champion is None:
-            progress("Comparing with a dummy baseline (no champion yet)")
-            progress(f"  held-out rows: {metric.name} new {new_score:.4f}, dummy {baseline_score:.4f}")
-            decision = decide_first(metric, new_score, baseline_score, options.force)
-        else:
-            progress(f"Comparing with champion v{champion.version} and a dummy baseline")
-            champion_scores = score_champion(
-                client, champion, name, schema, card, metric, model, baseline, holdout
-            )
-            for rows, held_out in [
-                ("new held-out rows", champion_scores.new_rows),
-                (f"v{champion.version}'s own held-out rows", champion_scores.trusted_rows),
-            ]:
-                if held_out is not None:
-                    progress(
-                        f"  {rows}: {metric.name} new {held_out.new:.4f}, champion {held_out.champion:.4f}, "
-                        f"dummy {held_out.baseline:.4f}"
-                    )
-            gate_figures |= champion_scores.figures()
-            decision = decide(metric, champion_scores, options.margin, options.tolerance, options.force)
-        progress(f"  {decision.reason}")
+        decision, gate_figures = gate(
+            client, champion, name, schema, card, metric, model, baseline, holdout, options, progress
+        )
         mlflow.log_metrics({f"gate_{metric.name}_{key}": value for key, value in gate_figures.items()})
 
         progress("Registering the model version in MLflow")
@@ -280,7 +290,11 @@ def train(options: TrainingOptions, settings: Settings, progress: Callable[[str]
                 if decision.promote:
                     progress("Saving the champion to the BentoML model store")
                     bento_tag = store.save_folder(name, Path(folder))
-            client.set_registered_model_alias(name, decision.alias, str(version.version))
+            if decision.promote:
+                history = registry.champion_history(client, name) if champion else []
+                registry.set_champion(client, name, str(version.version), [*history, str(version.version)])
+            else:
+                client.set_registered_model_alias(name, decision.alias, str(version.version))
             for key, value in {
                 "promotion": "forced"
                 if decision.forced
@@ -290,6 +304,7 @@ def train(options: TrainingOptions, settings: Settings, progress: Callable[[str]
                 "dataset_digest": dataset.digest,
                 "holdout_digest": holdout_digest,
                 "bento_tag": bento_tag or "-",
+                "trigger": options.trigger or "-",
             }.items():
                 client.set_model_version_tag(name, str(version.version), key, value)
         except BaseException:
@@ -320,8 +335,96 @@ def train(options: TrainingOptions, settings: Settings, progress: Callable[[str]
         champion_after=str(version.version) if decision.promote else (champion.version if champion else None),
         bento_tag=bento_tag,
         dataset_digest=dataset.digest,
+        gate_figures=gate_figures,
         seconds=time.perf_counter() - started,
     )
+
+
+def training_dataset(table: Table, name: str) -> PandasDataset:
+    """The table as the run's `training` dataset input: its source and digest find it again (retraining)."""
+    with warnings.catch_warnings():
+        # MLflow warns that a local path "can be interpreted in multiple ways"; both ways are the same source.
+        warnings.simplefilter("ignore", UserWarning)
+        return from_pandas(
+            pd.concat([table.features, table.target], axis=1),
+            source=table.source,
+            targets=str(table.target.name),
+            name=name,
+        )
+
+
+def live_dataset(rows: pd.DataFrame, name: str, features: list[str], target: str) -> PandasDataset:
+    """Labelled live rows in the table's columns, as the run's `live` dataset input."""
+    columns = [*features, target]
+    missing = [column for column in columns if column not in rows.columns]
+    if missing:
+        raise InputError(f"the live rows lack columns of the training table: {', '.join(missing)}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return from_pandas(
+            rows[columns].reset_index(drop=True),
+            source="prediction log + feedback",
+            targets=target,
+            name=f"{name}-live",
+        )
+
+
+def with_rows(table: Table, rows: pd.DataFrame) -> Table:
+    target = str(table.target.name)
+    return Table(
+        features=pd.concat([table.features, rows[table.features.columns]], ignore_index=True),
+        target=pd.concat([table.target, rows[target]], ignore_index=True).rename(target),
+        source=table.source,
+    )
+
+
+def retrain_key(trigger: str, live_digest: str) -> str:
+    """What makes two retrains the same: their trigger and their labelled rows."""
+    return hashlib.sha256(f"{trigger}\n{live_digest}".encode()).hexdigest()[:16]
+
+
+def gate(
+    client: MlflowClient,
+    champion: registry.Champion | None,
+    name: str,
+    schema: FeatureSchema,
+    card: dict[str, Any],
+    metric: Metric,
+    model: Pipeline,
+    baseline: Pipeline,
+    holdout: pd.DataFrame,
+    options: TrainingOptions,
+    progress: Callable[[str], None],
+) -> tuple[Decision, dict[str, float]]:
+    """Whether `model` (scored on its own held-out rows `holdout`) takes the champion alias, and the
+    figures behind it: one gate for training and for `lifecycle promote`."""
+    task = Task(str(card["task"]))
+    X_holdout, y_holdout = schema.prepare(holdout), holdout[store.TARGET_COLUMN]
+    new_score = test_metrics(model, X_holdout, y_holdout, task)[metric.name]
+    baseline_score = test_metrics(baseline, X_holdout, y_holdout, task)[metric.name]
+    figures = {"new_rows_new": new_score, "new_rows_baseline": baseline_score}
+    if champion is None:
+        progress("Comparing with a dummy baseline (no champion yet)")
+        progress(f"  held-out rows: {metric.name} new {new_score:.4f}, dummy {baseline_score:.4f}")
+        decision = decide_first(metric, new_score, baseline_score, options.force)
+    else:
+        progress(f"Comparing with champion v{champion.version} and a dummy baseline")
+        champion_scores = score_champion(
+            client, champion, name, schema, card, metric, model, baseline, holdout
+        )
+        for rows, held_out in [
+            ("new held-out rows", champion_scores.new_rows),
+            (f"v{champion.version}'s own held-out rows", champion_scores.trusted_rows),
+        ]:
+            if held_out is not None:
+                progress(
+                    f"  {rows}: {metric.name} new {held_out.new:.4f}, champion {held_out.champion:.4f}, "
+                    f"dummy {held_out.baseline:.4f}"
+                )
+        figures |= champion_scores.figures()
+        decision = decide(metric, champion_scores, options.margin, options.tolerance, options.force)
+    progress(f"  {decision.reason}")
+    return decision, figures
 
 
 def score_champion(

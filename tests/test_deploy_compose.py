@@ -20,7 +20,7 @@ COMPOSE_DIR = PROJECT_ROOT / "deploy" / "compose"
 COMPOSE_FILE = COMPOSE_DIR / "compose.yaml"
 PODMAN_COMPOSE = str(Path(sys.executable).parent / "podman-compose")
 STATE = "/var/lib/tabserve"
-OUR_IMAGE = {"tabserve", "drift", "mlflow", "evidently-ui"}
+OUR_IMAGE = {"tabserve", "drift", "retrain", "mlflow", "evidently-ui"}
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +159,26 @@ def test_grafana_provisions_the_datasource_and_dashboard_the_dashboard_uses(comp
         target["datasource"]["uid"] for panel in dashboard["panels"] for target in panel.get("targets", [])
     }
     assert used == {datasource["uid"]}
+
+
+def test_the_retrain_loop_runs_on_a_schedule_against_the_registry(compose: dict[str, Any]) -> None:
+    retrain = compose["services"]["retrain"]
+    assert retrain["command"] == ["python", "-m", "lifecycle", "schedule", "--every", "6h"]
+    assert retrain["working_dir"] == "/home/bentoml/bento/src"
+    assert retrain["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    # It reads the log, the feedback and the reports the others write, and stores new versions beside them.
+    assert volume_targets(retrain)[STATE] == volume_targets(compose["services"]["tabserve"])[STATE]
+    assert retrain["environment"]["BENTOML_HOME"].startswith(f"{STATE}/")
+
+
+def test_the_lifecycle_schedule_command_exists() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "lifecycle", "schedule", "--help"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--every" in result.stdout

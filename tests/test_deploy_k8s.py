@@ -33,8 +33,12 @@ def base_files() -> list[Path]:
     return [BASE / name for name in kustomization["resources"]]
 
 
-def by_kind(resources: list[dict[str, Any]], kind: str) -> dict[str, Any]:
-    [resource] = [resource for resource in resources if resource["kind"] == kind]
+def by_kind(resources: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    [resource] = [
+        resource
+        for resource in resources
+        if resource["kind"] == kind and name in (None, resource["metadata"]["name"])
+    ]
     return resource
 
 
@@ -136,8 +140,9 @@ def test_the_deployment_probes_bentomls_health_endpoints(base: list[dict[str, An
 
 
 def test_pods_run_as_the_images_user_on_a_read_only_root(base: list[dict[str, Any]]) -> None:
-    for kind in ("Deployment", "CronJob"):
-        spec = pod_spec(by_kind(base, kind))
+    for resource in (r for r in base if r["kind"] in ("Deployment", "CronJob")):  # drift and retrain
+        kind = f"{resource['kind']} {resource['metadata']['name']}"
+        spec = pod_spec(resource)
         assert spec["securityContext"]["runAsNonRoot"] is True
         assert spec["securityContext"]["runAsUser"] == 1034  # BentoML's `bentoml` user in the image
         assert spec["securityContext"]["fsGroup"] == 1034
@@ -190,7 +195,7 @@ def test_the_service_and_its_selectors_reach_the_pods(base: list[dict[str, Any]]
 
 
 def test_the_drift_cronjob_reads_every_pods_log_from_the_bento(base: list[dict[str, Any]]) -> None:
-    cronjob = by_kind(base, "CronJob")
+    cronjob = by_kind(base, "CronJob", "tabserve-drift")
     [container] = pod_spec(cronjob)["containers"]
     script = container["args"][-1]
     assert container["args"][:2] == ["sh", "-c"]
@@ -218,3 +223,33 @@ def test_the_drift_report_command_exists() -> None:
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "--file" in result.stdout
+
+
+def test_the_retrain_cronjob_runs_the_loop_once_at_a_time_into_a_writable_store(
+    base: list[dict[str, Any]],
+) -> None:
+    cronjob = by_kind(base, "CronJob", "tabserve-retrain")
+    assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"  # two retrains would race for the registry
+    [container] = pod_spec(cronjob)["containers"]
+    assert container["args"][:4] == ["python", "-m", "lifecycle", "retrain"]
+    env = {item["name"]: item["value"] for item in container["env"]}
+    # New versions go to a store on the shared volume: the image's own is read-only.
+    assert env["BENTOML_HOME"].startswith(f"{STATE}/")
+    assert env["TABSERVE_PREDICTION_LOG_DIR"] == f"{STATE}/predictions"
+    mounts = {mount["mountPath"] for mount in container["volumeMounts"]}
+    assert STATE in mounts
+    [rule] = cronjob["spec"]["jobTemplate"]["spec"]["podFailurePolicy"]["rules"]
+    assert rule["onExitCodes"]["values"] == [1, 2]  # refused by the gate, cannot judge: not retried
+
+
+def test_the_retrain_command_exists() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "lifecycle", "retrain", "--help"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--window" in result.stdout
