@@ -128,10 +128,12 @@ def save_folder(name: str, folder: Path) -> str:
 
 def find_version(name: str, registered_version: str) -> StoredModel | None:
     """The newest copy of a registered version in the BentoML store, found by its labels."""
+    try:
+        stored = bentoml.models.list(name)
+    except NotFound:  # the store holds no version of this name yet
+        return None
     copies = [
-        model
-        for model in bentoml.models.list(name)
-        if model.info.labels.get("registered_version") == str(registered_version)
+        model for model in stored if model.info.labels.get("registered_version") == str(registered_version)
     ]
     if not copies:
         return None

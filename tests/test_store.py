@@ -135,3 +135,31 @@ def test_held_out_rows_are_kept_in_the_store_and_in_mlflow_under_one_digest(
         stored.pipeline, stored.schema.prepare(holdout), holdout[TARGET_COLUMN], stored.task
     )
     assert scored == pytest.approx(stored.metadata["test_metrics"])
+
+
+def test_a_version_is_fetched_into_an_empty_store_from_its_mlflow_run(
+    stores: Stores, stored: StoredModel, tmp_path: Path
+) -> None:
+    """A store that is not the one the version was trained into (an image's, a retrain job's first run):
+    the version's store folder comes from its MLflow run, with the same files and labels."""
+    version = stored.labels["registered_version"]
+    fetch = (
+        "from models import registry; from settings import get_settings; "
+        f"model = registry.fetch_version(registry.connect(get_settings()), 'breast_cancer', '{version}'); "
+        "print(model.tag, model.path)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", fetch],
+        cwd=PROJECT_ROOT,
+        env=stores.env(BENTOML_HOME=str(tmp_path / "empty-store")),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    tag, path = result.stdout.split()
+    assert Path(path).is_relative_to(tmp_path / "empty-store")
+    assert tag != stored.tag  # a new copy in the other store, of the same version
+    for file in ("pipeline.joblib", "feature_schema.json", "reference.parquet", "holdout.parquet"):
+        assert (Path(path) / file).read_bytes() == (stored.path / file).read_bytes(), file
