@@ -33,7 +33,7 @@ from pydantic import BaseModel, Field
 
 from drift.summary import read_latest, read_latest_performance
 from models.errors import InputError
-from models.registry import CHAMPION
+from models.registry import CHAMPION, registry_client, served_model
 from models.store import StoredModel
 from serving import oip_rest
 from serving.answered import AnsweredIndex
@@ -42,7 +42,7 @@ from serving.dataplane import DataPlane, ModelCall
 from serving.errors import ServingError, UnavailableError
 from serving.feedback import FeedbackDesk, feedback_route
 from serving.files import predict_file_route
-from serving.follow import Follower, registry_client, served_model
+from serving.follow import Follower
 from serving.metrics import export_latest_drift, export_latest_performance, serving_metrics
 from serving.model import InProcessModel, RowPredictor, VersionedPredictors, with_version
 from serving.oip.grpc_server import GrpcServer, check_port_free, start_grpc_server

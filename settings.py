@@ -33,7 +33,8 @@ class Settings(BaseSettings):
     )
     model_tag: str | None = Field(
         default=None,
-        description="BentoML model tag to serve, e.g. breast_cancer:abc123. Default: <model_name>:latest.",
+        description="BentoML model tag to serve (and never replace), e.g. breast_cancer:abc123. Default: the "
+        "registry's champion of model_name, else <model_name>:latest.",
     )
     mlflow_experiment: str = Field(default="tabserve", description="MLflow experiment for training runs.")
     mlflow_tracking_uri: str | None = Field(
@@ -180,10 +181,6 @@ class Settings(BaseSettings):
     @property
     def evidently_workspace(self) -> Path:
         return self.workspace_dir or self.data_dir / "workspace"
-
-    @property
-    def serving_tag(self) -> str:
-        return self.model_tag or f"{self.model_name}:latest"
 
     def export_tool_environment(self) -> None:
         """Make BentoML and MLflow (and any process they start) see the same stores as we do.

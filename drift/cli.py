@@ -32,6 +32,7 @@ from drift.logs import parse_duration, parse_window
 from drift.performance import PerformanceOptions, run_performance
 from drift.schedule import MIN_INTERVAL, run_every
 from models.errors import InputError, first_line
+from models.registry import served_model
 from models.store import StoredModel
 from settings import Settings, get_settings
 
@@ -49,8 +50,8 @@ Model = Annotated[
     str | None,
     typer.Option(
         "--model",
-        help="BentoML tag of the model version. Default: the served one (TABSERVE_MODEL_TAG, or "
-        "<TABSERVE_MODEL_NAME>:latest).",
+        help="BentoML tag of the model version. Default: the served one (TABSERVE_MODEL_TAG, else the "
+        "registry's champion of TABSERVE_MODEL_NAME).",
     ),
 ]
 LogDir = Annotated[
@@ -186,7 +187,7 @@ def performance(
 
     def run() -> int:
         options = PerformanceOptions(
-            model_tag=model or settings.serving_tag,
+            model_tag=model or served_tag(settings),
             log_dir=log_dir or settings.log_dir,
             feedback_dir=feedback_dir or settings.feedback_dir,
             since=since,
@@ -256,7 +257,7 @@ def _options(
     webhook: str | None,
 ) -> ReportOptions:
     return ReportOptions(
-        model_tag=model or settings.serving_tag,
+        model_tag=model or served_tag(settings),
         log_dir=log_dir or settings.log_dir,
         files=tuple(files or ()),
         since=since,
@@ -321,7 +322,7 @@ def simulate(
     chosen = [name.strip() for name in (features or "").split(",") if name.strip()]
 
     def run() -> int:
-        stored = StoredModel.open(model or settings.serving_tag)
+        stored = StoredModel.open(model or served_tag(settings))
         # A fresh seed by default: the same seed again sends the same rows, and repeated rows would make
         # the report's tests overconfident.
         chosen_seed = secrets.randbelow(2**31) if seed is None else seed
@@ -406,7 +407,7 @@ def bench(
     settings = get_settings()
     raise typer.Exit(
         _guarded(
-            lambda: benchmark.run(model or settings.serving_tag, rows, directory, keep, err.print, out.print)
+            lambda: benchmark.run(model or served_tag(settings), rows, directory, keep, err.print, out.print)
         )
     )
 
@@ -416,6 +417,11 @@ def bench_bare(model: str, rows: int, seed: int, result: Path) -> None:
     """The bench's baseline, in its own process: DataDriftPreset on the generated rows, already in memory."""
     get_settings()
     benchmark.bare(model, rows, seed, result)
+
+
+def served_tag(settings: Settings) -> str:
+    """The version the service serves (the registry's champion), whose log rows the reports judge."""
+    return served_model(settings)[0].tag
 
 
 def _guarded(action: Callable[[], int]) -> int:

@@ -41,6 +41,7 @@ from threadpoolctl import threadpool_limits
 
 from loadtests import endpoints, generators, mlserver_env, proctree, report, rows, servers
 from loadtests.endpoints import Endpoint
+from models.registry import served_model
 from models.store import StoredModel
 from settings import get_settings
 
@@ -137,7 +138,7 @@ def main(
     stamp = datetime.now(UTC)
     workdir = RESULTS / f"bench-{stamp:%Y%m%dT%H%M%S}"
     workdir.mkdir(parents=True)
-    model = StoredModel.open(get_settings().serving_tag)
+    model = served_model(get_settings())[0]
     if model.classes is None or model.schema.names != list(rows.held_out().columns):
         raise typer.BadParameter(
             f"the benchmark needs the default model (`python train.py`), not {model.tag}"

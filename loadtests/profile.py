@@ -24,7 +24,7 @@ import typer
 
 from loadtests import bench, proctree, servers
 from loadtests.bench import FULL, Workload
-from models.store import StoredModel
+from models.registry import served_model
 from settings import get_settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -53,7 +53,7 @@ def main(
     """Profile the workers of `bentoml serve service:Tabserve` under one transport's load."""
     if shutil.which("py-spy") is None and not (servers.VENV_BIN / "py-spy").exists():
         raise typer.BadParameter("py-spy is missing: `make setup` installs it (dev dependency)")
-    model = StoredModel.open(get_settings().serving_tag)
+    model = served_model(get_settings())[0]
     workload = Workload.of(model, FULL.batch_rows)
     frame = workload.one if rows == 1 else workload.batch
     workdir = RESULTS / f"profile-{transport}-{rows}-{datetime.now(UTC):%Y%m%dT%H%M%S}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import warnings
@@ -19,12 +20,17 @@ from mlflow.data.pandas_dataset import from_pandas
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from sklearn.pipeline import Pipeline
 
 from models import store
 from models.errors import InputError, first_line
 from models.store import StoredModel
 from settings import Settings
+
+logger = logging.getLogger(__name__)
+# BentoML's server passes only warnings of other loggers than its own; which version serves is worth a line.
+logger.setLevel(logging.INFO)
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -202,3 +208,54 @@ def set_champion(client: MlflowClient, name: str, version: str, history: list[st
     """Move the champion alias to `version` and record `history` (which ends with it) beside it."""
     client.set_registered_model_alias(name, CHAMPION, version)
     client.set_registered_model_tag(name, HISTORY_TAG, ",".join(history))
+
+
+class RegistryUnreachableError(Exception):
+    """The registry did not answer (as opposed to answering that no version holds the alias)."""
+
+
+def registry_client(settings: Settings) -> MlflowClient | None:
+    """A client of the configured registry, or None where there is none to ask: a local SQLite store that
+    was never created (MLflow would create an empty one)."""
+    uri = settings.tracking_uri
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return None
+    return MlflowClient(uri)
+
+
+def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
+    """The registered version holding `alias`, or None if none does."""
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException as exc:
+        if exc.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            return None
+        raise RegistryUnreachableError(first_line(exc)) from None
+    except Exception as exc:  # a store that cannot be read raises database and OS errors of every kind
+        raise RegistryUnreachableError(first_line(exc)) from None
+
+
+def served_model(settings: Settings) -> tuple[StoredModel, bool]:
+    """The version to serve at start-up, and whether to follow the champion alias afterwards."""
+    if settings.model_tag:
+        logger.info("serving %s (TABSERVE_MODEL_TAG): not following the registry", settings.model_tag)
+        return StoredModel.open(settings.model_tag), False
+    name = settings.model_name
+    client = registry_client(settings)
+    if client is not None:
+        try:
+            version = alias_version(client, name, CHAMPION)
+            if version is not None:
+                model = fetch_version(client, name, version)
+                logger.info("serving %s: version %s holds '%s'", model.tag, version, CHAMPION)
+                return model, True
+            logger.warning("no version of '%s' holds '%s' in the registry", name, CHAMPION)
+        except (RegistryUnreachableError, InputError) as exc:
+            logger.warning("the registry cannot give the champion of '%s': %s", name, exc)
+    model = StoredModel.open(f"{name}:latest")
+    logger.warning(
+        "serving %s, the newest version in the BentoML store (registered version %s)",
+        model.tag,
+        model.labels.get("registered_version"),
+    )
+    return model, client is not None

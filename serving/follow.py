@@ -1,8 +1,9 @@
 """Which version to serve, and following the registry's alias while serving.
 
-At start-up (`served_model`): TABSERVE_MODEL_TAG if set (then that version is served and never replaced);
-else the version holding the `champion` alias in the MLflow registry, when the registry answers; else the
-store's NAME:latest (an image built by `bentoml build` holds only the champion).
+At start-up (models/registry.py `served_model`, which the drift reports and benchmarks use too):
+TABSERVE_MODEL_TAG if set (then that version is served and never replaced); else the version holding the
+`champion` alias in the MLflow registry, when the registry answers; else the store's NAME:latest (an image
+built by `bentoml build` holds only the champion).
 
 While serving (`Follower`), each worker asks the registry every `reload_seconds` which version holds the
 alias. When it moves, the worker fetches that version (models/registry.py fetch_version), checks it (it must
@@ -18,15 +19,13 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 from models import registry
 from models.errors import InputError, first_line
+from models.registry import RegistryUnreachableError, alias_version, registry_client
 from models.store import StoredModel, reproduction_problem
 from serving.metrics import ServingMetrics
 from settings import Settings
@@ -36,57 +35,6 @@ logger = logging.getLogger(__name__)
 logger.setLevel(logging.INFO)
 
 Prepared = TypeVar("Prepared")
-
-
-class RegistryUnreachableError(Exception):
-    """The registry did not answer (as opposed to answering that no version holds the alias)."""
-
-
-def registry_client(settings: Settings) -> MlflowClient | None:
-    """A client of the configured registry, or None where there is none to ask: a local SQLite store that
-    was never created (MLflow would create an empty one)."""
-    uri = settings.tracking_uri
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        return None
-    return MlflowClient(uri)
-
-
-def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
-    """The registered version holding `alias`, or None if none does."""
-    try:
-        return str(client.get_model_version_by_alias(name, alias).version)
-    except MlflowException as exc:
-        if exc.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
-            return None
-        raise RegistryUnreachableError(first_line(exc)) from None
-    except Exception as exc:  # a store that cannot be read raises database and OS errors of every kind
-        raise RegistryUnreachableError(first_line(exc)) from None
-
-
-def served_model(settings: Settings) -> tuple[StoredModel, bool]:
-    """The version to serve at start-up, and whether to follow the champion alias afterwards."""
-    if settings.model_tag:
-        logger.info("serving %s (TABSERVE_MODEL_TAG): not following the registry", settings.model_tag)
-        return StoredModel.open(settings.model_tag), False
-    name = settings.model_name
-    client = registry_client(settings)
-    if client is not None:
-        try:
-            version = alias_version(client, name, registry.CHAMPION)
-            if version is not None:
-                model = registry.fetch_version(client, name, version)
-                logger.info("serving %s: version %s holds '%s'", model.tag, version, registry.CHAMPION)
-                return model, True
-            logger.warning("no version of '%s' holds '%s' in the registry", name, registry.CHAMPION)
-        except (RegistryUnreachableError, InputError) as exc:
-            logger.warning("the registry cannot give the champion of '%s': %s", name, exc)
-    model = StoredModel.open(f"{name}:latest")
-    logger.warning(
-        "serving %s, the newest version in the BentoML store (registered version %s)",
-        model.tag,
-        model.labels.get("registered_version"),
-    )
-    return model, client is not None
 
 
 def request_incompatibility(served: StoredModel, candidate: StoredModel) -> str | None:

@@ -299,9 +299,9 @@ def serve_like_kubernetes(engine: Engine, image: str, volume: str, timings: Timi
 
 DRIFT_ENVIRONMENT_CHECK = """
 from settings import get_settings
-from models.store import StoredModel
+from models.registry import served_model
 settings = get_settings()
-model = StoredModel.open(settings.serving_tag)
+model = served_model(settings)[0]
 rows = len(model.load_reference())
 logs = sorted(settings.log_dir.glob("predictions-*.jsonl*"))
 assert logs, f"no prediction log in {settings.log_dir}"

@@ -15,10 +15,10 @@ from typing import Any
 import pandas as pd
 from fastapi import FastAPI
 
-from models.store import StoredModel
+from models.registry import served_model
 from settings import get_settings
 
-model = StoredModel.open(get_settings().serving_tag)
+model = served_model(get_settings())[0]
 pipeline = model.pipeline  # unpickled at import, before the worker takes requests
 classes = [str(label) for label in model.classes or []]
 Record = model.schema.request_model(title="Record")
