@@ -5,7 +5,8 @@ The champion is trained on the first 200 rows of the breast-cancer table; the ot
 new rows of the same distribution, sent to the service. The tests run in order, on one server and one
 registry: no trigger; mostly wrong feedback (not promoted, alert); the same run again (nothing trained);
 the true labels (promoted); a rollback, then a change of concept (not promoted, alert with both scores,
-then a person promotes); a store that cannot be written (the registry as it was).
+then a person promotes); a store that cannot be written (the registry as it was). After every move the
+running service, which follows the champion alias every second, answers with the new champion.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -43,6 +45,7 @@ class Loop:
     reports_dir: Path
     live: pd.DataFrame  # the rows sent, with their true label
     keys: list[tuple[str, int]]  # each sent row's (request_id, row)
+    record: dict[str, float]  # one row to ask the service which version answers
 
     def lifecycle(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -63,6 +66,17 @@ class Loop:
         response = httpx.post(f"{self.url}/feedback", json=items, timeout=60)
         assert response.status_code == 200, response.text
         assert response.json()["accepted"] == len(items)
+
+    def wait_until_served(self, version: str) -> None:
+        """The running service follows the champion (every second here): it answers with `version` soon."""
+        deadline = time.monotonic() + 60
+        while True:
+            answer = httpx.post(f"{self.url}/predict", json=self.record, timeout=30)
+            assert answer.status_code == 200, answer.text
+            if answer.json()["registered_version"] == version:
+                return
+            assert time.monotonic() < deadline, f"still answering with v{answer.json()['registered_version']}"
+            time.sleep(0.5)
 
     def versions(self) -> list[str]:
         return [str(v.version) for v in self.stores.client().search_model_versions(f"name = '{NAME}'")]
@@ -133,6 +147,7 @@ def loop(stores: Stores, tmp_path_factory: pytest.TempPathFactory) -> Iterator[L
         TABSERVE_PREDICTION_LOG_DIR=str(root / "predictions"),
         TABSERVE_FEEDBACK_LOG_DIR=str(root / "feedback"),
         TABSERVE_REPORTS_DIR=str(root / "reports"),
+        TABSERVE_RELOAD_SECONDS="1",
     )
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -147,7 +162,8 @@ def loop(stores: Stores, tmp_path_factory: pytest.TempPathFactory) -> Iterator[L
             response = httpx.post(f"{url}/predict_batch", json=records, timeout=60)
             assert response.status_code == 200, response.text
             keys += [(answer["request_id"], answer["row"]) for answer in response.json()]
-        yield Loop(stores, url, env, root / "reports", live, keys)
+        record = live.drop(columns="diagnosis").iloc[0].to_dict()
+        yield Loop(stores, url, env, root / "reports", live, keys, record)
     finally:
         process.terminate()
         process.wait(timeout=60)
@@ -198,6 +214,7 @@ def test_more_good_data_of_the_same_distribution_is_promoted(loop: Loop) -> None
     assert "promoted: v3 is the champion" in result.stderr
     assert loop.champion() == "3"
     assert any(m.info.labels["registered_version"] == "3" for m in bentoml.models.list(NAME))
+    loop.wait_until_served("3")
 
 
 def test_concept_change_alerts_with_both_scores_and_a_person_decides(
@@ -206,6 +223,7 @@ def test_concept_change_alerts_with_both_scores_and_a_person_decides(
     url, received = webhook
     back = loop.lifecycle("rollback", NAME, "--reason", "the service still serves v1")
     assert back.returncode == 0, back.stderr
+    loop.wait_until_served("1")
     # `drift simulate concept`'s change on the genuinely new rows: the next class in the upper half of one
     # feature (its own rows are the champion's reference rows, which the new version would just memorise).
     upper = loop.live["mean radius"] > loop.live["mean radius"].median()
@@ -227,6 +245,7 @@ def test_concept_change_alerts_with_both_scores_and_a_person_decides(
     )
     assert person.returncode == 0, person.stderr
     assert loop.champion() == "4"
+    loop.wait_until_served("4")
     move = loop.stores.client().get_model_version(NAME, "4").tags
     assert move["moved_by"] == "ana"
     assert move["move_reason"] == "promote: the labelling rule changed"
