@@ -24,6 +24,7 @@ from rich.table import Table
 
 from drift.logs import parse_duration, parse_window
 from drift.schedule import MIN_INTERVAL, run_every
+from drift.shadow import ShadowComparison, compare_shadow
 from lifecycle import promotion
 from lifecycle.retrain import CANNOT_JUDGE, RetrainOptions, retrain
 from lifecycle.status import Served, served, serving_verdict, versions
@@ -81,24 +82,33 @@ def status(
         str | None, typer.Option(help="A running service to ask what it serves, e.g. http://127.0.0.1:3000")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    shadow_window: Annotated[
+        str,
+        typer.Option(help="How far back the shadow challenger's rows count: a duration (24h, 7d) or 'all'."),
+    ] = "24h",
 ) -> None:
-    """The registered versions (newest first) with aliases, held-out score and promotion decision; with
-    --url, whether that service serves the champion (exit 1 if it does not, or does not answer)."""
+    """The registered versions (newest first) with aliases, held-out score and promotion decision, the
+    moves of the champion alias, and how the shadow challenger compares with the champion on live rows
+    (TABSERVE_SHADOW); with --url, whether that service serves the champion (exit 1 if it does not, or
+    does not answer)."""
     settings = get_settings()
     model = name or settings.model_name
     try:
         found = versions(registry.connect(settings), model)
+        window = parse_window(shadow_window, None, datetime.now(UTC))
     except InputError as exc:
         err.print(f"error: {exc}")
         raise typer.Exit(2) from None
     service: Served | None = served(url) if url else None
     serves_champion, verdict = serving_verdict(found, service) if service else (True, None)
     moves = promotion.history(model)
+    shadow = compare_shadow(settings.log_dir, settings.feedback_dir, window)
     if as_json:
         document: dict[str, Any] = {
             "model": model,
             "versions": [asdict(status) for status in found],
             "moves": [asdict(move) for move in moves],
+            "shadow": asdict(shadow) if shadow.rows else None,
         }
         if service is not None:
             document |= {"served": service.answer, "verdict": verdict}
@@ -122,6 +132,8 @@ def status(
                 f"{move.at} {move.kind}{forced} v{move.from_version or '-'} -> v{move.to_version} "
                 f"by {move.by}: {move.reason}"
             )
+        if shadow.rows:
+            out.print(shadow_line(shadow))
         if verdict:
             out.print(verdict)
     if not serves_champion:
@@ -162,6 +174,22 @@ def rollback(
     settings = get_settings()
     model = name or settings.model_name
     _report(settings, lambda client: promotion.rollback(client, model, reason, promotion.who(by), err.print))
+
+
+def shadow_line(shadow: ShadowComparison) -> str:
+    champions = ", ".join(f"v{version}" for version in shadow.champion_versions)
+    if shadow.agreement is not None:
+        compared = f"agreed with champion {champions} on {shadow.agreement:.1%} of {shadow.rows:,} rows"
+    else:
+        compared = f"differed from champion {champions} by {shadow.mean_abs_difference:.4g} on average over "
+        compared += f"{shadow.rows:,} rows"
+    line = f"shadow: challenger v{shadow.challenger_version} {compared}"
+    if shadow.labelled_rows:
+        line += (
+            f"; on {shadow.labelled_rows:,} labelled rows, {shadow.metric} champion "
+            f"{shadow.champion_metric:.4f}, challenger {shadow.challenger_metric:.4f}"
+        )
+    return line
 
 
 def _report(settings: Settings, move: Any) -> None:

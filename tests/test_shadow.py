@@ -3,6 +3,8 @@ the `challenger` version too and logs it beside the champion's answer; drift/sha
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -16,13 +18,15 @@ import pytest
 from drift.logs import Window, find_log_files
 from drift.shadow import compare_shadow
 from models.data import load_default
-from tests.conftest import Stores, assert_ok, free_port, run_train, start_server, wait_ready
+from tests.conftest import PROJECT_ROOT, Stores, assert_ok, free_port, run_train, start_server, wait_ready
 
 REQUESTS = 30
 
 
 @pytest.fixture(scope="module")
-def shadow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, Path]]:
+def shadow_server(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[str, Path, Path, dict[str, str]]]:
     root = tmp_path_factory.mktemp("shadow")
     stores = Stores(data_dir=root / "data", bentoml_home=root / "bentoml")
     assert_ok(run_train(stores, "--cv-folds", "3"))  # v1, champion
@@ -41,7 +45,7 @@ def shadow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[st
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(process, url, output)
-        yield url, log_dir, feedback_dir
+        yield url, log_dir, feedback_dir, env
     finally:
         process.terminate()
         process.wait(timeout=60)
@@ -55,8 +59,10 @@ def shadow_lines(log_dir: Path) -> list[dict[str, Any]]:
     ]
 
 
-def test_every_answered_row_is_shadowed_by_the_challenger(shadow_server: tuple[str, Path, Path]) -> None:
-    url, log_dir, feedback_dir = shadow_server
+def test_every_answered_row_is_shadowed_by_the_challenger(
+    shadow_server: tuple[str, Path, Path, dict[str, str]],
+) -> None:
+    url, log_dir, feedback_dir, _ = shadow_server
     time.sleep(2)  # the shadow's first look at the registry
     features = load_default().features
     records = [{str(k): float(v) for k, v in features.iloc[i].items()} for i in range(3)]
@@ -91,6 +97,30 @@ def test_every_answered_row_is_shadowed_by_the_challenger(shadow_server: tuple[s
     truth_is_first = [line for line in lines if line["row"] == 0 and int(line["request_id"][1:]) < 10]
     expected = sum(line["champion"]["prediction"] == "malignant" for line in truth_is_first) / 10
     assert comparison.champion_metric == expected
+
+
+def test_status_shows_the_shadow_agreement_and_both_live_metrics(
+    shadow_server: tuple[str, Path, Path, dict[str, str]],
+) -> None:
+    """After the test above: `lifecycle status` reads the same logs as compare_shadow."""
+    url, log_dir, feedback_dir, env = shadow_server
+    comparison = compare_shadow(log_dir, feedback_dir)
+    assert comparison.rows > 0
+    status = subprocess.run(
+        [sys.executable, "-m", "lifecycle", "status", "breast_cancer", "--url", url],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert (
+        f"shadow: challenger v2 agreed with champion v1 on {comparison.agreement:.1%} of "
+        f"{comparison.rows:,} rows; on 10 labelled rows, accuracy champion "
+        f"{comparison.champion_metric:.4f}, challenger {comparison.challenger_metric:.4f}"
+    ) in status.stdout
 
 
 def write_lines(path: Path, records: list[dict[str, Any]]) -> None:
