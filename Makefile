@@ -9,7 +9,7 @@ export OMP_NUM_THREADS ?= 1
 # Use the system's CA store, so that PyPI works behind a TLS-intercepting proxy too.
 export UV_NATIVE_TLS ?= 1
 
-.PHONY: setup train serve build test lint format clean drift-report simulate drift-bench containerize smoke dashboard loadtest bench bench-quick profile
+.PHONY: setup train serve build test lint format clean drift-report simulate drift-bench containerize smoke dashboard loadtest bench bench-quick bench-swap profile
 
 setup: .venv/.synced
 
@@ -90,6 +90,11 @@ bench: setup
 bench-quick: setup
 	$(PY) train.py --if-missing
 	$(PY) -m loadtests.bench --quick
+
+# 32 connections while `promote` moves the champion, and with the shadow challenger on, each beside steady
+# state (own stores in loadtests/results; ~3 min); rewrites the swap section of BENCHMARKS.md.
+bench-swap: setup
+	$(PY) -m loadtests.swap --update
 
 # Where the workers' CPU goes under load (py-spy): TRANSPORT=http|oip-rest|grpc, ROWS=1|1000.
 TRANSPORT ?= grpc
