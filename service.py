@@ -242,6 +242,7 @@ class Tabserve:
                     stem=SHADOW_STEM,
                 ),
                 settings.shadow_queue_batches,
+                settings.max_batch_rows,
                 metrics,
             )
         # The version served now: swapped whole by one assignment (`_swap_in`); every request takes it once.

@@ -4,8 +4,9 @@ challenger on, each beside steady state measured in the same run.
     .venv/bin/python -m loadtests.swap              # ~3 min; writes loadtests/results/swap-<time>.json
     .venv/bin/python -m loadtests.swap --update     # also rewrites the swap section of BENCHMARKS.md
 
-Stores of its own (in the results folder): two versions are trained (v1 champion; v2 refused, so it holds
-the `challenger` alias). Then:
+Stores of its own (in the results folder): two versions are trained from the same seed (v1 champion; v2
+refused, so it holds the `challenger` alias; both give the same answers, so a swap changes nothing a
+client could check but the version it is told). Then:
 1. a service that follows the champion every second, shadow off: per transport (HTTP /predict, OIP gRPC) a
    steady run, then a run during which `promote` moves the champion to the other version (through the gate,
    with --force, on the same 2 cores as the service). After each swap run, every answer must
@@ -54,15 +55,17 @@ class SwapRun:
 
 
 def main(
-    seconds: Annotated[float, typer.Option(help="measured seconds per run")] = 12,
+    seconds: Annotated[int, typer.Option(help="measured seconds per run")] = 12,
     update: Annotated[bool, typer.Option(help="rewrite the swap section of BENCHMARKS.md")] = False,
 ) -> None:
     stamp = datetime.now(UTC)
     workdir = RESULTS / f"swap-{stamp:%Y%m%dT%H%M%S}"
     workdir.mkdir(parents=True)
     stores = {"TABSERVE_DATA_DIR": str(workdir / "data"), "BENTOML_HOME": str(workdir / "bentoml")}
-    os.environ.update(stores)  # this process (promote) and every child see the same stores
-    for arguments in (["--seed", "1"], ["--seed", "2", "--margin", "1"]):  # v2 can never win: challenger
+    os.environ.update(stores)  # every child (training, the service, promote) sees the same stores
+    # v2: the same run again (same seed: the same answers, which every check compares), refused since it
+    # can never win by a margin of 1: the challenger.
+    for arguments in (["--seed", "1"], ["--seed", "1", "--margin", "1"]):
         subprocess.run(
             [sys.executable, "train.py", *arguments],
             cwd=servers.PROJECT_ROOT,
@@ -80,7 +83,6 @@ def main(
             log_dir,
             TABSERVE_RELOAD_SECONDS="1",
             TABSERVE_SHADOW="true" if shadow else "false",
-            **stores,
         )
         with servers.running(launch, workdir / f"server-{'shadow' if shadow else 'follow'}.txt"):
             assert launch.grpc_target is not None
