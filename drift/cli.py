@@ -28,9 +28,9 @@ from rich.console import Console
 from drift import bench as benchmark
 from drift import simulate as traffic
 from drift.job import CANNOT_JUDGE, ReportOptions, run_report
-from drift.logs import parse_duration, parse_window
+from drift.logs import parse_window
 from drift.performance import PerformanceOptions, run_performance
-from drift.schedule import MIN_INTERVAL, run_every
+from drift.schedule import parse_interval, run_every
 from models.errors import InputError, first_line
 from models.registry import served_model
 from models.store import StoredModel
@@ -224,9 +224,7 @@ def schedule(
     """Run the report now and then at every interval, in this process, until SIGTERM or Ctrl-C."""
     settings = get_settings()
     try:
-        interval = parse_duration(every, "--every")
-        if interval < MIN_INTERVAL:
-            raise InputError(f"--every {every} is too short: at least {MIN_INTERVAL.total_seconds():g}s")
+        interval = parse_interval(every)
         window = since if since is not None else every
         parse_window(window, until, datetime.now(UTC))  # bad options fail now, not at every run
         options = _options(

@@ -16,7 +16,18 @@ from types import FrameType
 from apscheduler.schedulers.blocking import BlockingScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
+from drift.logs import parse_duration
+from models.errors import InputError
+
 MIN_INTERVAL = timedelta(seconds=10)
+
+
+def parse_interval(every: str) -> timedelta:
+    """`--every` of a schedule: a duration (30m, 6h, 1d) of at least MIN_INTERVAL."""
+    interval = parse_duration(every, "--every")
+    if interval < MIN_INTERVAL:
+        raise InputError(f"--every {every} is too short: at least {MIN_INTERVAL.total_seconds():g}s")
+    return interval
 
 
 def run_every(interval: timedelta, job: Callable[[], None], say: Callable[[str], None]) -> None:

@@ -22,8 +22,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from drift.logs import parse_duration, parse_window
-from drift.schedule import MIN_INTERVAL, run_every
+from drift.logs import parse_window
+from drift.schedule import parse_interval, run_every
 from drift.shadow import ShadowComparison, compare_shadow
 from lifecycle import promotion
 from lifecycle.retrain import CANNOT_JUDGE, RetrainOptions, retrain
@@ -250,9 +250,7 @@ def schedule(
     """Run `retrain` now and then at every interval, in this process, until SIGTERM or Ctrl-C."""
     settings = get_settings()
     try:
-        interval = parse_duration(every, "--every")
-        if interval < MIN_INTERVAL:
-            raise InputError(f"--every {every} is too short: at least {MIN_INTERVAL.total_seconds():g}s")
+        interval = parse_interval(every)
         reason = f"schedule every {every}"
         options = _retrain_options(
             settings, name, force, reason, "schedule", window, min_live_rows, margin, tolerance, webhook
