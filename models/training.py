@@ -152,9 +152,12 @@ def train(options: TrainingOptions, settings: Settings, progress: Callable[[str]
             options.live_rows, name, list(map(str, table.features.columns)), str(table.target.name)
         )
     )
+    # What the version's lineage names as its data: the table, and the live rows added to it.
+    data_digest = dataset.digest
     if live is not None:
         progress(f"  adding {len(live.df)} labelled live rows (digest {live.digest})")
         table = validate(with_rows(table, live.df), task, options.test_size, options.cv_folds)
+        data_digest = f"{dataset.digest}+{live.digest}"
     schema = FeatureSchema.infer(table.features)
     parts = split(table, task, options.test_size, options.seed)
     X_train, X_test = schema.prepare(parts.X_train), schema.prepare(parts.X_test)
@@ -275,7 +278,7 @@ def train(options: TrainingOptions, settings: Settings, progress: Callable[[str]
                         "metric": metric.name,
                         "test_metrics": metrics,
                         "estimator": best,
-                        "dataset_digest": dataset.digest,
+                        "dataset_digest": data_digest,
                         "dataset_source": table.source,
                         "holdout_digest": holdout_digest,
                         "rows": {"train": len(X_train), "test": len(X_test)},
@@ -301,7 +304,7 @@ def train(options: TrainingOptions, settings: Settings, progress: Callable[[str]
                 else ("promoted" if decision.promote else "rejected"),
                 "gate_reason": decision.reason,
                 "gate_failed": ",".join(decision.failed) or "-",
-                "dataset_digest": dataset.digest,
+                "dataset_digest": data_digest,
                 "holdout_digest": holdout_digest,
                 "bento_tag": bento_tag or "-",
                 "trigger": options.trigger or "-",
@@ -334,7 +337,7 @@ def train(options: TrainingOptions, settings: Settings, progress: Callable[[str]
         champion_before=champion.version if champion else None,
         champion_after=str(version.version) if decision.promote else (champion.version if champion else None),
         bento_tag=bento_tag,
-        dataset_digest=dataset.digest,
+        dataset_digest=data_digest,
         gate_figures=gate_figures,
         seconds=time.perf_counter() - started,
     )

@@ -214,7 +214,14 @@ def test_more_good_data_of_the_same_distribution_is_promoted(loop: Loop) -> None
     assert "promoted: v3 is the champion" in result.stderr
     assert loop.champion() == "3"
     assert any(m.info.labels["registered_version"] == "3" for m in bentoml.models.list(NAME))
+    # Its lineage names both parts of its data: the original table's digest and the live rows'.
+    original = loop.stores.client().get_model_version(NAME, "1").tags["dataset_digest"]
+    retrained = loop.stores.client().get_model_version(NAME, "3").tags["dataset_digest"]
+    assert retrained.startswith(f"{original}+")
+    assert len(retrained) > len(original) + 1
     loop.wait_until_served("3")
+    answer = httpx.post(f"{loop.url}/predict", json=loop.record, timeout=30).json()
+    assert answer["data_digest"] == retrained
 
 
 def test_concept_change_alerts_with_both_scores_and_a_person_decides(
