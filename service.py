@@ -243,6 +243,7 @@ class Tabserve:
                 ),
                 settings.shadow_queue_batches,
                 settings.max_batch_rows,
+                settings.shadow_share,
                 metrics,
             )
         # The version served now: swapped whole by one assignment (`_swap_in`); every request takes it once.

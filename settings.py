@@ -74,6 +74,13 @@ class Settings(BaseSettings):
         description="Also score every answered batch with the challenger version, off the hot path, "
         "and log its outputs beside the champion's (<prediction log dir>/shadow-*.jsonl).",
     )
+    shadow_share: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=1.0,
+        description="Share of answered batches the shadow challenger scores (drawn at random): on a "
+        "saturated machine it costs the champion throughput in proportion (BENCHMARKS.md).",
+    )
     shadow_queue_batches: int = Field(
         default=256, ge=1, description="Batches waiting for the shadow challenger; more are dropped."
     )

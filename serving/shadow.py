@@ -1,14 +1,14 @@
 """The shadow challenger (TABSERVE_SHADOW=true): every answered batch scored again by the version holding
 the `challenger` alias, off the hot path, and logged beside the champion's answer.
 
-The data plane hands each answered batch to `ShadowScorer.offer` after the answer is made; a bounded queue
-takes it, or drops and counts it when full: the champion's answer never waits for the challenger. A task
-drains the queue onto a model thread of its own, every batch waiting there in one model call (up to
-max_batch_rows rows): scored one request at a time, the challenger's fixed cost per call took half of the
-2 cores' throughput at 32 connections. The lines go to `<prediction log dir>/shadow-*.jsonl`,
-which the drift and performance readers (drift/logs.py: `predictions-*.jsonl`) do not read as the
-champion's; drift/shadow.py compares the two. The challenger follows its alias as the champion follows its
-own (serving/follow.py), with the same checks.
+The data plane hands each answered batch to `ShadowScorer.offer` after the answer is made; a share of them
+(TABSERVE_SHADOW_SHARE, drawn at random) goes on to a bounded queue, which takes it, or drops and counts it
+when full: the champion's answer never waits for the challenger. A task drains the queue onto a model
+thread of its own, every batch waiting there in one model call (up to max_batch_rows rows): scored one
+request at a time, the challenger's fixed cost per call took half of the 2 cores' throughput at 32
+connections. The lines go to `<prediction log dir>/shadow-*.jsonl`, which the drift and performance readers
+(drift/logs.py: `predictions-*.jsonl`) do not read as the champion's; drift/shadow.py compares the two. The
+challenger follows its alias as the champion follows its own (serving/follow.py), with the same checks.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -55,10 +56,13 @@ class ShadowScorer:
         log: JsonLinesLog,
         max_batches: int,
         max_rows: int,
+        share: float,
         metrics: ServingMetrics,
     ):
         self._startup = startup
         self._max_rows = max_rows
+        self._share = share
+        self._draw = random.Random()
         self._log = log
         self._metrics = metrics
         self._dropped = metrics.shadow_dropped
@@ -69,7 +73,7 @@ class ShadowScorer:
 
     def offer(self, rows: np.ndarray, batch: PredictionBatch, plane: DataPlane) -> None:
         """Called on the event loop right after an answer is made: never waits."""
-        if self.challenger is None:
+        if self.challenger is None or (self._share < 1 and self._draw.random() >= self._share):
             return
         try:
             self._queue.put_nowait((rows, batch, plane))

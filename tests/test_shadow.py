@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,14 +24,11 @@ from tests.conftest import PROJECT_ROOT, Stores, assert_ok, free_port, run_train
 REQUESTS = 30
 
 
-@pytest.fixture(scope="module")
-def shadow_server(
-    tmp_path_factory: pytest.TempPathFactory,
+@contextmanager
+def shadow_service(
+    stores: Stores, root: Path, **env: str
 ) -> Iterator[tuple[str, Path, Path, dict[str, str]]]:
-    root = tmp_path_factory.mktemp("shadow")
-    stores = Stores(data_dir=root / "data", bentoml_home=root / "bentoml")
-    assert_ok(run_train(stores, "--cv-folds", "3"))  # v1, champion
-    assert_ok(run_train(stores, "--cv-folds", "3"))  # v2: a tie, refused: the challenger
+    """A real `bentoml serve` with the shadow on, over `stores`: its URL, log and feedback folders, env."""
     port = free_port()
     log_dir, feedback_dir = root / "predictions", root / "feedback"
     env = stores.env(
@@ -39,6 +37,7 @@ def shadow_server(
         TABSERVE_FEEDBACK_LOG_DIR=str(feedback_dir),
         TABSERVE_SHADOW="true",
         TABSERVE_RELOAD_SECONDS="1",
+        **env,
     )
     output = root / "server-output.txt"
     process = start_server(env, port, output)
@@ -49,6 +48,23 @@ def shadow_server(
     finally:
         process.terminate()
         process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def shadow_stores(tmp_path_factory: pytest.TempPathFactory) -> Stores:
+    root = tmp_path_factory.mktemp("shadow-stores")
+    stores = Stores(data_dir=root / "data", bentoml_home=root / "bentoml")
+    assert_ok(run_train(stores, "--cv-folds", "3"))  # v1, champion
+    assert_ok(run_train(stores, "--cv-folds", "3"))  # v2: a tie, refused: the challenger
+    return stores
+
+
+@pytest.fixture(scope="module")
+def shadow_server(
+    shadow_stores: Stores, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, Path, Path, dict[str, str]]]:
+    with shadow_service(shadow_stores, tmp_path_factory.mktemp("shadow")) as served:
+        yield served
 
 
 def shadow_lines(log_dir: Path) -> list[dict[str, Any]]:
@@ -176,3 +192,21 @@ def test_regression_agreement_is_the_mean_absolute_difference(tmp_path: Path) ->
     comparison = compare_shadow(tmp_path / "log", tmp_path / "feedback")
     assert (comparison.agreement, comparison.mean_abs_difference) == (None, 0.75)
     assert (comparison.metric, comparison.champion_metric, comparison.challenger_metric) == ("mae", 1.0, 0.5)
+
+
+def test_a_share_of_the_batches_is_shadowed(shadow_stores: Stores, tmp_path: Path) -> None:
+    """TABSERVE_SHADOW_SHARE=0.3: about 30% of the answered batches are scored by the challenger."""
+    record = {str(k): float(v) for k, v in load_default().features.iloc[0].items()}
+    requests = 200
+    with shadow_service(shadow_stores, tmp_path, TABSERVE_SHADOW_SHARE="0.3") as (url, log_dir, _, _):
+        time.sleep(2)  # the shadow's first look at the registry
+        with httpx.Client(base_url=url, timeout=30) as client:
+            for index in range(requests):
+                answer = client.post("/predict", json=record, headers={"X-Request-Id": f"s{index}"})
+                assert answer.status_code == 200, answer.text
+        time.sleep(2)  # the last shadow lines are written on a thread
+        shadowed = {line["request_id"] for line in shadow_lines(log_dir)}
+    # Binomial(200, 0.3): mean 60, standard deviation 6.5; outside this range (4.6 of them): fewer than
+    # once in 100,000 runs.
+    assert 30 <= len(shadowed) <= 90, len(shadowed)
+    assert shadowed <= {f"s{index}" for index in range(requests)}
