@@ -4,12 +4,8 @@ the labelled rows against the reference set, the exit codes, the estimate, the s
 from __future__ import annotations
 
 import json
-import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import orjson
@@ -135,31 +131,6 @@ def test_healthy_labels_exit_0_with_report_summary_and_estimate(
     assert "Accuracy" in (report_dir / "report.json").read_text()
     assert json.loads((report_dir / "summary.json").read_text()) == summary
     assert list((tmp_path / "workspace").rglob("*.json")), "no snapshot in the Evidently workspace"
-
-
-class _Hook(BaseHTTPRequestHandler):
-    received: ClassVar[list[dict[str, str]]] = []
-
-    def do_POST(self) -> None:
-        self.received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-        self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def webhook() -> Iterator[tuple[str, list[dict[str, str]]]]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Hook)
-    _Hook.received = []
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/hook", _Hook.received
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_half_the_labels_flipped_exit_1_and_alert(
