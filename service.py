@@ -67,7 +67,7 @@ from settings import get_settings
 os.environ.setdefault("BENTOML_NO_UDS", "1")
 settings = get_settings()
 try:
-    # The version the request model, the OpenAPI page and `bentoml build` are made from (serving/follow.py).
+    # The version the request model, the OpenAPI page and `bentoml build` are made from (models/registry.py).
     champion, follow_champion = served_model(settings)
 except InputError as exc:
     raise SystemExit(f"error: {exc}") from None
