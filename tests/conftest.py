@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -246,28 +247,41 @@ def require_tool(name: str) -> str:
     return path
 
 
+class Receiver:
+    """A loopback receiver of Slack-style webhook alerts: answers the given statuses in turn (the last one
+    from then on) and keeps the JSON bodies it received."""
+
+    def __init__(self, statuses: list[int]) -> None:
+        self.statuses = statuses
+        self.bodies: list[dict[str, Any]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                receiver.bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(receiver.statuses[min(len(receiver.bodies), len(receiver.statuses)) - 1])
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 @pytest.fixture
-def webhook() -> Iterator[tuple[str, list[dict[str, str]]]]:
-    """A loopback receiver of Slack-style webhook alerts: its URL and the JSON bodies it has received."""
-    received: list[dict[str, str]] = []
-
-    class Receiver(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+def webhook() -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """A receiver that accepts every alert: its URL and the bodies it has received."""
+    receiver = Receiver([204])
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/hook", received
+        yield receiver.url, receiver.bodies
     finally:
-        server.shutdown()
-        server.server_close()
+        receiver.close()
 
 
 def help_of(*command: str) -> str:

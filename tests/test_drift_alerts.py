@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
 from dataclasses import replace
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
 from tenacity import wait_none
 
 from drift import alerts
 from drift.summary import Summary, read_latest, write_latest
-from tests.conftest import free_port
+from tests.conftest import Receiver, free_port
 
 SUMMARY = Summary(
     model="breast_cancer",
@@ -34,33 +31,11 @@ SUMMARY = Summary(
 )
 
 
-class Receiver:
-    """A stdlib HTTP server that answers with the given statuses in turn and keeps the bodies."""
-
-    def __init__(self, statuses: list[int]) -> None:
-        self.statuses = statuses
-        self.bodies: list[dict[str, Any]] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                receiver.bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-                self.send_response(receiver.statuses[min(len(receiver.bodies), len(receiver.statuses)) - 1])
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = HTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-
 @pytest.fixture
 def receiver(request: pytest.FixtureRequest) -> Iterator[Receiver]:
     running = Receiver(request.param)
     yield running
-    running.server.shutdown()
+    running.close()
 
 
 def post(url: str) -> alerts.Delivery:
