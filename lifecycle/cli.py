@@ -66,7 +66,7 @@ Window = Annotated[
     str, typer.Option(help="How far back labelled live rows count: a duration (24h, 7d) or 'all'.")
 ]
 MinLiveRows = Annotated[
-    int, typer.Option(min=1, help="Fewest labelled live rows worth adding; fewer: the original table alone.")
+    int, typer.Option(min=2, help="Fewest labelled live rows worth adding; fewer: the original table alone.")
 ]
 
 

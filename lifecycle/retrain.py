@@ -104,7 +104,10 @@ def labelled_rows(settings: Settings, champion: StoredModel, window: str, target
         rows = rows[labels.map(str).isin(by_text)]  # a label of no known class cannot be learnt
         labels = rows[TARGET_COLUMN].map(lambda label: by_text[str(label)])
     features = [feature.name for feature in champion.schema.features]
-    return rows[features].assign(**{target: labels}).reset_index(drop=True)
+    table = rows[features].assign(**{target: labels})
+    # In the order of their values, not of the log files: which worker logged a row must not change the
+    # table, its digest or the held-out draw of the retrain.
+    return table.sort_values([*features, target], kind="stable").reset_index(drop=True)
 
 
 def original_data(client: MlflowClient, run_id: str) -> tuple[Path | None, str]:

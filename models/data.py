@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -36,6 +37,15 @@ class Split:
     X_test: pd.DataFrame
     y_train: pd.Series
     y_test: pd.Series
+
+    def joined(self, other: Split) -> Split:
+        """Both splits' training rows for training, both held-out parts held out."""
+        return Split(
+            X_train=pd.concat([self.X_train, other.X_train], ignore_index=True),
+            X_test=pd.concat([self.X_test, other.X_test], ignore_index=True),
+            y_train=pd.concat([self.y_train, other.y_train], ignore_index=True),
+            y_test=pd.concat([self.y_test, other.y_test], ignore_index=True),
+        )
 
 
 def load_default() -> Table:
@@ -130,7 +140,12 @@ def split(table: Table, task: Task, test_size: float, seed: int) -> Split:
     # reads the service before it starts the workers, so scikit-learn's import (a second) would delay it.
     from sklearn.model_selection import train_test_split  # noqa: PLC0415
 
-    stratify = table.target if task is Task.CLASSIFICATION else None
+    # Stratified where it can be (every class twice, and room for each in the held-out part): a validated
+    # table always can; a retrain's few live rows may not.
+    counts = table.target.value_counts()
+    held_out = math.ceil(test_size * len(table.target))
+    stratifiable = task is Task.CLASSIFICATION and counts.min() >= 2 and held_out >= len(counts)
+    stratify = table.target if stratifiable else None
     X_train, X_test, y_train, y_test = train_test_split(
         table.features, table.target, test_size=test_size, random_state=seed, stratify=stratify
     )

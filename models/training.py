@@ -154,12 +154,18 @@ def train(options: TrainingOptions, settings: Settings, progress: Callable[[str]
     )
     # What the version's lineage names as its data: the table, and the live rows added to it.
     data_digest = dataset.digest
+    # The table split as the champion's was (its seed and test size): a retrain never trains on the rows
+    # the champion was tested on, so the gate's check on those trusted rows stays a fair test.
+    parts = split(table, task, options.test_size, options.seed)
     if live is not None:
         progress(f"  adding {len(live.df)} labelled live rows (digest {live.digest})")
+        live_table = Table(
+            features=live.df[table.features.columns], target=live.df[table.target.name], source=table.source
+        )
         table = validate(with_rows(table, live.df), task, options.test_size, options.cv_folds)
+        parts = parts.joined(split(live_table, task, options.test_size, options.seed))
         data_digest = f"{dataset.digest}+{live.digest}"
     schema = FeatureSchema.infer(table.features)
-    parts = split(table, task, options.test_size, options.seed)
     X_train, X_test = schema.prepare(parts.X_train), schema.prepare(parts.X_test)
     progress(
         f"  {len(table.target)} rows, {len(schema.features)} features, {task}; "
