@@ -4,10 +4,10 @@ and the loop retrains on the champion's original table plus the labelled live ro
 The champion is trained on the first 200 rows of a synthetic table that needs more rows than that (the
 breast-cancer table does not: a model of 200 of its rows is already at the ceiling, and whether 369 more rows
 win is a coin toss of the held-out draw); the other 700 rows are genuinely new rows of the same
-distribution, sent to the service. The tests run in order, on one server and one
-registry: no trigger; mostly wrong feedback (not promoted, alert); the same run again (nothing trained);
-the true labels (promoted); a rollback, then a change of concept (not promoted, alert with both scores,
-then a person promotes); a store that cannot be written (the registry as it was). After every move the
+distribution, sent to the service. The tests run in order, on one server and one registry: no trigger;
+mostly wrong feedback (not promoted, alert); the same run again (nothing trained); the true labels
+(promoted); a rollback, then a change of concept (not promoted, alert with both scores, then a person
+promotes); a store that cannot be written (the registry as it was). After every move the
 running service, which follows the champion alias every second, answers with the new champion.
 """
 
@@ -232,7 +232,7 @@ def test_concept_change_alerts_with_both_scores_and_a_person_decides(
     back = loop.lifecycle("rollback", NAME, "--reason", "the service still serves v1")
     assert back.returncode == 0, back.stderr
     loop.wait_until_served("1")
-    # `drift simulate concept`'s change on the genuinely new rows: the next class in the upper half of one
+    # `drift simulate concept`'s change on the genuinely new rows: the next class in the top 30% of one
     # feature (its own rows are the champion's reference rows, which the new version would just memorise).
     upper = loop.live["feature_0"] > loop.live["feature_0"].quantile(0.7)
     concept = loop.live["diagnosis"].where(~upper, flip(loop.live, 1.0, seed=0)["diagnosis"])
