@@ -3,7 +3,9 @@
 A request counts as accepted when the server processed it, which the prediction log tells (the clients
 send their own request ids, over OIP REST and gRPC). Every such request must have got its answer; every
 other request must have been refused (connection refused or reset before processing; gRPC UNAVAILABLE
-or CANCELLED before processing), never failed with a 5xx or another gRPC status.
+or CANCELLED before processing), never failed with a 5xx or another gRPC status. A call that got no answer
+in time (an HTTP read timeout, gRPC DEADLINE_EXCEEDED: seen once in CI, on the 8 gRPC calls sent as the
+server stopped) is lost only if the server processed it.
 """
 
 from __future__ import annotations
@@ -97,6 +99,9 @@ def test_sigterm_under_load_loses_no_accepted_request(
                 # grpc-core answers calls that arrive once the server is stopping with either code.
                 refusals = ("StatusCode.UNAVAILABLE", "StatusCode.CANCELLED")
                 kind = "refused" if exc.status() in refusals else f"gRPC {exc.status()}"
+                if exc.status() == "StatusCode.DEADLINE_EXCEEDED":
+                    # No answer in time: as an HTTP read timeout, lost only if the server processed it.
+                    kind = "dropped: DEADLINE_EXCEEDED"
             outcomes.append(Outcome("grpc", request_id, kind, time.monotonic()))
             if kind == "refused":
                 time.sleep(0.05)
@@ -111,6 +116,7 @@ def test_sigterm_under_load_loses_no_accepted_request(
         sigterm_at = time.monotonic()
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=90)
+        exited_after = time.monotonic() - sigterm_at
     finally:
         stop.set()
         for client in clients:
@@ -128,7 +134,13 @@ def test_sigterm_under_load_loses_no_accepted_request(
     # A connection reset before the server read the request is a refusal too; the log tells which were read.
     refused = [o for o in outcomes if o.kind == "refused" or o.kind.startswith("dropped")]
     lost = [o for o in outcomes if o.kind != "ok" and (o not in refused or o.request_id in logged)]
-    assert not lost, f"{len(lost)} accepted requests lost, e.g. {lost[:5]}"
+    seen = [
+        (o.request_id, o.kind, round(o.finished - sigterm_at, 2), o.request_id in logged) for o in lost[:5]
+    ]
+    assert not lost, (
+        f"{len(lost)} accepted requests lost (the server exited {exited_after:.1f} s after SIGTERM), e.g. "
+        f"(id, outcome, seconds after SIGTERM, logged) {seen}\n{output.read_text(errors='replace')[-3000:]}"
+    )
     for transport in ("http", "grpc"):
         assert any(o.transport == transport and o.kind == "ok" for o in outcomes)
     finished_after_sigterm = [o for o in outcomes if o.kind == "ok" and o.finished > sigterm_at]
