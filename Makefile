@@ -9,7 +9,7 @@ export OMP_NUM_THREADS ?= 1
 # Use the system's CA store, so that PyPI works behind a TLS-intercepting proxy too.
 export UV_NATIVE_TLS ?= 1
 
-.PHONY: setup train serve build test lint format clean drift-report simulate drift-bench containerize smoke dashboard loadtest bench bench-quick bench-swap profile
+.PHONY: setup train serve build test lint format clean drift-report simulate drift-bench containerize smoke dashboard loadtest bench bench-quick bench-swap bench-scorers profile
 
 setup: .venv/.synced
 
@@ -90,6 +90,11 @@ bench: setup
 bench-quick: setup
 	$(PY) train.py --if-missing
 	$(PY) -m loadtests.bench --quick
+
+# Each candidate model in-process, compiled scorer against scikit-learn (~2 min); rewrites its section of
+# BENCHMARKS.md.
+bench-scorers: setup
+	$(PY) -m loadtests.scorers --update
 
 # 32 connections while `promote` moves the champion, and with the shadow challenger on, each beside steady
 # state (own stores in loadtests/results; ~3 min); rewrites the swap section of BENCHMARKS.md.

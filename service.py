@@ -44,7 +44,7 @@ from serving.feedback import FeedbackDesk, feedback_route
 from serving.files import predict_file_route
 from serving.follow import Follower
 from serving.metrics import export_latest_drift, export_latest_performance, serving_metrics
-from serving.model import InProcessModel, RowPredictor, VersionedPredictors, with_version
+from serving.model import InProcessModel, RowPredictor, VersionedPredictors, planned_scorer, with_version
 from serving.oip.grpc_server import GrpcServer, check_port_free, start_grpc_server
 from serving.predlog import JsonLinesLog
 from serving.rest import (
@@ -115,7 +115,7 @@ DRIFT_REFRESH_SECONDS = 30
 )
 class ModelRunner:
     def __init__(self) -> None:
-        self.predictors = VersionedPredictors(champion, registry_client(settings))
+        self.predictors = VersionedPredictors(champion, registry_client(settings), settings.compiled_scorer)
         self.calls = CallTracker()
 
     @bentoml.on_startup
@@ -277,12 +277,13 @@ class Tabserve:
         model_call: ModelCall
         if settings.model_service:
             model_call = partial(self._call_model_service, model.labels["registered_version"])
+            # The model service chooses the same way (serving/model.py RowPredictor).
+            scorer = planned_scorer(model, settings.compiled_scorer)
         else:
-            call = InProcessModel(
-                RowPredictor(model), settings.max_batch_rows, settings.max_latency_ms / 1000
-            )
-            model_call = call
-        plane = DataPlane(model, partial(self._call_model, model_call), *self._plane_parts())
+            predictor = RowPredictor(model, settings.compiled_scorer)
+            call = InProcessModel(predictor, settings.max_batch_rows, settings.max_latency_ms / 1000)
+            model_call, scorer = call, predictor.scorer
+        plane = DataPlane(model, partial(self._call_model, model_call), scorer, *self._plane_parts())
         return Served(model, call, plane)
 
     def _plane_parts(self) -> tuple[Any, ...]:

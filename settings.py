@@ -69,6 +69,11 @@ class Settings(BaseSettings):
         description="How often each worker asks the registry which version holds the champion alias, and "
         "swaps it in when it moves (0: never). Not with model_tag, which pins one version.",
     )
+    compiled_scorer: bool = Field(
+        default=True,
+        description="Score with the compiled scorer (numpy, models/compiled.py) where training proved it "
+        "equal to scikit-learn on the held-out and edge rows; false: always with the scikit-learn pipeline.",
+    )
     shadow: bool = Field(
         default=False,
         description="Also score every answered batch with the challenger version, off the hot path, "

@@ -231,12 +231,16 @@ METHOD = """### How these figures are taken
 
 
 def update_markdown(path: Path, document: dict[str, Any]) -> None:
+    replace_section(path, START, END, render(document))
+
+
+def replace_section(path: Path, start: str, end: str, body: str) -> None:
     """Replace the generated section between the markers (appended if there is none yet)."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = f"{START}\n{render(document)}\n{END}"
-    if START in text and END in text:
-        before, rest = text.split(START, 1)
-        text = before + section + rest.split(END, 1)[1]
+    section = f"{start}\n{body}\n{end}"
+    if start in text and end in text:
+        before, rest = text.split(start, 1)
+        text = before + section + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     path.write_text(text)

@@ -32,6 +32,7 @@ import typer
 from loadtests import generators, servers
 from loadtests.bench import BENCHMARKS_MD, RESULTS, Workload, check, http_predict, machine, oip_grpc
 from loadtests.endpoints import Endpoint
+from loadtests.report import replace_section
 from models.registry import served_model
 from settings import get_settings
 
@@ -120,14 +121,7 @@ def main(
     table = render(document)
     print(table)
     if update:
-        text = BENCHMARKS_MD.read_text()
-        section = f"{START}\n{table}\n{END}"
-        if START in text:
-            before, rest = text.split(START, 1)
-            text = before + section + rest.split(END, 1)[1]
-        else:
-            text = text.rstrip("\n") + "\n\n" + section + "\n"
-        BENCHMARKS_MD.write_text(text)
+        replace_section(BENCHMARKS_MD, START, END, table)
 
 
 def render(document: dict[str, Any]) -> str:

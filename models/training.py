@@ -31,6 +31,7 @@ from sklearn.pipeline import Pipeline
 
 from models import registry, store
 from models.candidates import candidates
+from models.compiled import prove
 from models.data import Table, Task, load_default, load_table, resolve_task, split, validate
 from models.errors import InputError
 from models.evaluation import (
@@ -50,6 +51,8 @@ from settings import Settings
 # BentoML tag names: lowercase letters, digits, '-', '_' and '.', starting and ending with a letter or digit.
 MODEL_NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$")
 # A run's dataset inputs: the training table (its source and digest) and the labelled live rows added to it.
+# The run's record of the scorer proven for the model (models/compiled.py).
+SCORER_RECORD = "scorer.json"
 TRAINING_CONTEXT = "training"
 LIVE_CONTEXT = "live"
 # Run tag of a retrain: a retrain with the same key (trigger and labelled rows) already ran.
@@ -223,6 +226,10 @@ def train(options: TrainingOptions, settings: Settings, progress: Callable[[str]
         metrics = test_metrics(model, X_test, parts.y_test, task)
         mlflow.log_param("estimator", best)
         mlflow.log_metrics({f"test_{key}": value for key, value in metrics.items()})
+        _, scorer = prove(model, schema, X_test, task is Task.CLASSIFICATION)
+        progress(f"Scorer: {scorer.scorer}: {scorer.reason} ({scorer.rows_checked} held-out and edge rows)")
+        mlflow.log_dict(scorer.as_metadata(), SCORER_RECORD)
+        mlflow.set_tag("scorer", scorer.scorer)
         for file_name, figure in plots(model, X_test, parts.y_test, task).items():
             mlflow.log_figure(figure, f"plots/{file_name}")
             plt.close(figure)
@@ -284,6 +291,7 @@ def train(options: TrainingOptions, settings: Settings, progress: Callable[[str]
                         "metric": metric.name,
                         "test_metrics": metrics,
                         "estimator": best,
+                        "scorer": scorer.as_metadata(),
                         "dataset_digest": data_digest,
                         "dataset_source": table.source,
                         "holdout_digest": holdout_digest,
@@ -314,6 +322,7 @@ def train(options: TrainingOptions, settings: Settings, progress: Callable[[str]
                 "holdout_digest": holdout_digest,
                 "bento_tag": bento_tag or "-",
                 "trigger": options.trigger or "-",
+                "scorer": scorer.scorer,
             }.items():
                 client.set_model_version_tag(name, str(version.version), key, value)
         except BaseException:

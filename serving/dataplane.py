@@ -27,6 +27,7 @@ from models.store import StoredModel
 from serving.answered import AnsweredIndex
 from serving.errors import BadInputError, ModelNotFoundError, ServingError
 from serving.metrics import ServingMetrics, mark_refusal_counted
+from serving.model import COMPILED, SCIKIT_LEARN
 from serving.oip.codec import InferRequest, OutputTensor, columns_from_tensors
 from serving.predlog import JsonLinesLog
 
@@ -42,6 +43,8 @@ AnsweredHook = Callable[[np.ndarray, "PredictionBatch", "DataPlane"], None]
 MAX_REQUEST_ID = 128
 VALID_REQUEST_ID = re.compile(rf"[\x21-\x7e]{{1,{MAX_REQUEST_ID}}}")
 OIP_DATATYPES = {FeatureKind.NUMERIC: "FP64", FeatureKind.BOOLEAN: "BOOL", FeatureKind.CATEGORICAL: "BYTES"}
+# The OIP model metadata's platform, per scorer (serving/model.py).
+PLATFORMS = {SCIKIT_LEARN: "scikit-learn", COMPILED: "tabserve_compiled"}
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,7 @@ class DataPlane:
         self,
         model: StoredModel,
         call_model: ModelCall,
+        scorer: dict[str, Any],
         log: JsonLinesLog,
         metrics: ServingMetrics,
         answered: AnsweredIndex | None = None,
@@ -91,6 +95,7 @@ class DataPlane:
         self.lineage = model.lineage
         self._lineage_end = b"," + orjson.dumps(self.lineage)[1:]  # closes a prediction-log line
         self._call_model = call_model
+        self.scorer = scorer  # what scores the rows, and why (serving/model.py planned_scorer)
         # Rows are 2-D arrays in schema column order, never DataFrames: building a frame per request costs
         # more than the model call. All-numeric rows are float64 (cheap to send and to log); booleans and
         # text need an object array. The model service builds one frame per batch.
@@ -147,6 +152,7 @@ class DataPlane:
             "metric": meta["metric"],
             "test_metrics": meta["test_metrics"],
             "trained_at": meta["trained_at"],
+            "scorer": self.scorer,
             "feature_schema": self.schema.model_dump(mode="json", exclude_none=True),
         }
 
@@ -159,7 +165,8 @@ class DataPlane:
         return {
             "name": self.name,
             "versions": [self.version],
-            "platform": "scikit-learn",
+            # gRPC's model metadata has no parameters: the platform says which scorer serves there.
+            "platform": PLATFORMS[self.scorer["scorer"]],
             "inputs": [
                 {"name": f.name, "datatype": OIP_DATATYPES[f.kind], "shape": [-1]}
                 for f in self.schema.features
@@ -168,6 +175,7 @@ class DataPlane:
             "parameters": {
                 "registered_version": self.lineage["registered_version"],
                 "classes": self.classes or [],
+                "scorer": self.scorer["scorer"],
             },
         }
 

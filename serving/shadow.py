@@ -86,7 +86,7 @@ class ShadowScorer:
             CHALLENGER,
             None,
             self._startup,
-            lambda model: Challenger(model, RowPredictor(model)),
+            lambda model: Challenger(model, RowPredictor(model, settings.compiled_scorer)),
             self._install,
             self._metrics,
         )

@@ -285,6 +285,7 @@ def test_model_service_layout_swaps(
     try:
         v3 = model_service.info()["version"]
         assert model_service.info()["registered_version"] == "3"
+        assert model_service.info()["scorer"]["scorer"] == "compiled"  # as the model service chooses
         without_radius = {key: value for key, value in RECORD.items() if key != "mean radius"}
         clients = [Client("http", without_radius) for _ in range(8)]
         clients, v4 = asyncio.run(

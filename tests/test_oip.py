@@ -784,7 +784,8 @@ def new_plane(toy: ToyModel, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             return await call(frame) if call is not None else toy.probabilities(frame)
 
         logs.append(JsonLinesLog(tmp_path_factory.mktemp("predictions"), 1_000_000, 1))
-        return DataPlane(toy.stored, call_model, logs[-1], serving_metrics())
+        scorer = {"scorer": "scikit-learn", "reason": "a test's model call"}
+        return DataPlane(toy.stored, call_model, scorer, logs[-1], serving_metrics())
 
     yield new
     for log in logs:

@@ -94,6 +94,12 @@ def test_model_endpoint_describes_the_served_model(server: Server, stored: Store
     assert info["classes"] == ["benign", "malignant"]
     assert info["test_metrics"]["roc_auc"] > 0.95
     assert [f["name"] for f in info["feature_schema"]["features"]] == stored.schema.names
+    # The compiled scorer serves: training proved it equal to scikit-learn (models/compiled.py).
+    assert info["scorer"] == stored.metadata["scorer"]
+    assert info["scorer"]["scorer"] == "compiled"
+    assert info["scorer"]["reason"] == "equal to scikit-learn within 1e-06"
+    metadata = httpx.get(f"{server.url}/v2/models/breast_cancer", timeout=30).json()
+    assert (metadata["platform"], metadata["parameters"]["scorer"]) == ("tabserve_compiled", "compiled")
 
 
 def with_change(record: dict[str, float], **change: object) -> str:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import bentoml
+import numpy as np
 import pandas as pd
 import pytest
 from bentoml.exceptions import NotFound
@@ -14,6 +16,7 @@ from mlflow.exceptions import MlflowException
 
 from models.schema import FeatureKind
 from models.store import StoredModel
+from serving.model import RowPredictor
 from tests.conftest import Stores, assert_ok, run_train
 from tests.tables import breast_cancer_table, mixed_table, shuffle_labels
 
@@ -51,6 +54,13 @@ def test_default_run_trains_registers_and_stores_the_champion(
     assert set(inputs) == {"training", "testing"}  # the table, and its held-out rows (tests/test_store.py)
     assert "load_breast_cancer" in str(inputs["training"].source)
     assert inputs["training"].digest == version.tags["dataset_digest"]
+    # The compiled scorer was proven on the held-out rows and 4 edge rows (models/compiled.py).
+    stored = StoredModel.open("breast_cancer:latest")
+    scorer = stored.metadata["scorer"]
+    assert scorer["scorer"] == run.data.tags["scorer"] == version.tags["scorer"] == "compiled"
+    assert scorer["rows_checked"] == stored.metadata["rows"]["test"] + 4
+    assert 0 <= scorer["max_difference"] <= 1e-6
+    assert json.loads(Path(client.download_artifacts(run.info.run_id, "scorer.json")).read_text()) == scorer
     # The MLflow store lives in the configured data directory, not in the working directory.
     assert (stores.data_dir / "mlflow.db").is_file()
     assert any((stores.data_dir / "mlartifacts").iterdir())
@@ -92,6 +102,15 @@ def test_own_csv_with_text_booleans_and_missing_values(
     prediction = stored.predict(unseen)
     assert prediction.probabilities is not None
     assert prediction.probabilities.sum() == pytest.approx(1.0)
+    # The served model call gives the same answers with the compiled scorer as with scikit-learn.
+    assert stored.metadata["scorer"]["scorer"] == "compiled"
+    compiled, plain = RowPredictor(stored, compiled=True), RowPredictor(stored, compiled=False)
+    assert (compiled.scorer["scorer"], plain.scorer["scorer"]) == ("compiled", "scikit-learn")
+    assert plain.scorer["reason"] == "turned off (TABSERVE_COMPILED_SCORER=false)"
+    rows = stored.schema.prepare(pd.concat([unseen, mixed_table(rows=50, seed=3)[list(kinds)]])).to_numpy(
+        dtype=object
+    )
+    np.testing.assert_allclose(compiled(rows), plain(rows), rtol=0, atol=1e-12)
 
 
 def test_continuous_target_trains_a_regression(stores: Stores, tmp_path: Path) -> None:

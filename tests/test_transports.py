@@ -87,6 +87,9 @@ def test_tritonclient_grpc_gets_the_same_predictions(
     metadata = client.get_model_metadata("breast_cancer", as_json=True)
     assert metadata["name"] == "breast_cancer"
     assert metadata["versions"] == [stored.version]
+    assert (
+        metadata["platform"] == "tabserve_compiled"
+    )  # the scorer that serves (gRPC metadata has no parameters)
     tensor = triton_grpc.InferInput("rows", list(features.shape), "FP64")
     tensor.set_data_from_numpy(features)
     result = client.infer("breast_cancer", [tensor])
