@@ -4,7 +4,8 @@
     .venv/bin/python -m loadtests.bench --quick    # 32 connections only, short runs (< 2 min)
 
 One system after another, each on free loopback ports and stopped before the next starts:
-1. the in-process pipeline: rows/s at 1, 32 and 1,024 rows per call, the physical limit;
+1. the in-process model call (tabserve's scorer, and the scikit-learn pipeline the others call): rows/s at
+   1, 32 and 1,024 rows per call, the physical limit;
 2. tabserve (`bentoml serve service:Tabserve`): typed HTTP /predict, OIP REST and OIP gRPC;
 3. a minimal FastAPI app (loadtests/baselines/fastapi_app.py): HTTP /predict;
 4. MLServer with its scikit-learn runtime and adaptive batching: OIP REST and gRPC.
@@ -30,6 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any
@@ -43,6 +45,7 @@ from loadtests import endpoints, generators, mlserver_env, proctree, report, row
 from loadtests.endpoints import Endpoint
 from models.registry import served_model
 from models.store import StoredModel
+from serving.model import RowPredictor
 from settings import get_settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -145,7 +148,7 @@ def main(
         )
     workload = Workload.of(model, plan.batch_rows)
 
-    echo(f"In-process pipeline: {', '.join(map(str, plan.in_process_sizes))} rows per call")
+    echo(f"In-process model call: {', '.join(map(str, plan.in_process_sizes))} rows per call")
     in_process = measure_in_process(model, plan)
     results: list[SystemResult] = []
     for name, bench_system in SYSTEMS.items():
@@ -170,7 +173,9 @@ def main(
             "features": len(model.schema.names),
         },
         "plan": asdict(plan),
-        "in_process_rows_per_second": in_process,
+        "in_process_rows_per_second": in_process.served,
+        "in_process_scorer": in_process.scorer,
+        "in_process_scikit_learn_rows_per_second": in_process.scikit_learn,
         "systems": [asdict(result) for result in results],
     }
     raw = RESULTS / f"bench-{stamp:%Y%m%dT%H%M%S}.json"
@@ -363,22 +368,41 @@ def load(
     return generators.h2load(endpoint.address, body, connections, seconds, log, answer_bytes)
 
 
-def measure_in_process(model: StoredModel, plan: Plan) -> dict[str, float]:
-    """rows/s of `predict_proba` on prepared rows, in this process, on one thread (as the servers run it)."""
-    pipeline = model.pipeline
+@dataclass(frozen=True)
+class InProcess:
+    scorer: str  # what serves the model (serving/model.py planned_scorer)
+    served: dict[str, float]  # rows per call -> rows/s
+    scikit_learn: dict[str, float]
+
+
+def measure_in_process(model: StoredModel, plan: Plan) -> InProcess:
+    """rows/s of the model call that tabserve serves (serving/model.py RowPredictor: the compiled scorer)
+    and of the scikit-learn pipeline that the other systems call, on prepared rows, in this process, on one
+    thread (as the servers run them)."""
     prepared = model.schema.prepare(rows.held_out())
-    figures = {}
+    served = RowPredictor(model, compiled=True)
+    pipeline = model.pipeline
+    figures: dict[str, dict[str, float]] = {"served": {}, "scikit-learn": {}}
     with threadpool_limits(1):
         for size in plan.in_process_sizes:
             frame = rows.tiled(prepared, size)
-            pipeline.predict_proba(frame)
-            calls, started = 0, time.perf_counter()
-            while (elapsed := time.perf_counter() - started) < plan.in_process_seconds:
-                pipeline.predict_proba(frame)
-                calls += 1
-            figures[str(size)] = round(calls * size / elapsed, 1)
-            echo(f"  {size:>5} rows per call: {figures[str(size)]:>10,.0f} rows/s")
-    return figures
+            calls = {
+                # As the data plane hands them over: float64 rows in schema column order.
+                "served": partial(served, frame.to_numpy(dtype=np.float64)),
+                "scikit-learn": partial(pipeline.predict_proba, frame),
+            }
+            for name, call in calls.items():
+                call()
+                count, started = 0, time.perf_counter()
+                while (elapsed := time.perf_counter() - started) < plan.in_process_seconds:
+                    call()
+                    count += 1
+                figures[name][str(size)] = round(count * size / elapsed, 1)
+            echo(
+                f"  {size:>5} rows per call: {figures['served'][str(size)]:>10,.0f} rows/s "
+                f"({served.scorer['scorer']}), scikit-learn {figures['scikit-learn'][str(size)]:>10,.0f}"
+            )
+    return InProcess(served.scorer["scorer"], figures["served"], figures["scikit-learn"])
 
 
 # ---- the record -------------------------------------------------------------------------------------------

@@ -176,13 +176,20 @@ def render(document: dict[str, Any]) -> str:
             f"| {run['server_cpu_ms_per_request']:.1f} |"
         )
 
+    scikit_learn = document.get("in_process_scikit_learn_rows_per_second", {})
     lines += [
         "",
-        "### In-process pipeline (`predict_proba` on prepared rows, one thread)",
+        f"### In-process model call (prepared rows, one thread; tabserve's scorer: "
+        f"{document.get('in_process_scorer', 'scikit-learn')})",
         "",
-        "| rows per call | rows/s |",
-        "| ---: | ---: |",
-        *(f"| {size} | {rate:,.0f} |" for size, rate in in_process.items()),
+        "| rows per call | tabserve's model call, rows/s | scikit-learn `predict_proba`, rows/s |",
+        "| ---: | ---: | ---: |",
+        *(
+            f"| {size} | {rate:,.0f} | {scikit_learn[size]:,.0f} |"
+            if size in scikit_learn
+            else f"| {size} | {rate:,.0f} | |"
+            for size, rate in in_process.items()
+        ),
         "",
         "### Start and memory",
         "",
