@@ -13,7 +13,6 @@ from typing import Any
 
 import mlflow
 import pandas as pd
-import skops.io
 from filelock import FileLock
 from mlflow import MlflowClient
 from mlflow.data.pandas_dataset import from_pandas
@@ -143,6 +142,10 @@ def log_and_register(
     client: MlflowClient, pipeline: Pipeline, name: str, input_example: pd.DataFrame, output_example: object
 ) -> ModelVersion:
     """Log the pipeline to the active run (skops format) and register it as a new version of `name`."""
+    # Imported here: skops builds its list of trusted types from every scikit-learn estimator on import
+    # (over a second here), and the service, which imports this module, never logs a model.
+    import skops.io  # noqa: PLC0415
+
     info = mlflow.sklearn.log_model(
         pipeline,
         name=MODEL_ARTIFACT,

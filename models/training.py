@@ -50,9 +50,9 @@ from settings import Settings
 
 # BentoML tag names: lowercase letters, digits, '-', '_' and '.', starting and ending with a letter or digit.
 MODEL_NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$")
-# A run's dataset inputs: the training table (its source and digest) and the labelled live rows added to it.
 # The run's record of the scorer proven for the model (models/compiled.py).
 SCORER_RECORD = "scorer.json"
+# A run's dataset inputs: the training table (its source and digest) and the labelled live rows added to it.
 TRAINING_CONTEXT = "training"
 LIVE_CONTEXT = "live"
 # Run tag of a retrain: a retrain with the same key (trigger and labelled rows) already ran.
