@@ -37,6 +37,7 @@ from models.registry import CHAMPION, registry_client, served_model
 from models.store import StoredModel
 from serving import oip_rest
 from serving.answered import AnsweredIndex
+from serving.arrowlog import ArrowLog
 from serving.coalesce import Coalescer, WaitTimeoutError
 from serving.dataplane import DataPlane, ModelCall
 from serving.errors import ServingError, UnavailableError
@@ -212,7 +213,7 @@ class Tabserve:
 
     def __init__(self) -> None:
         metrics = serving_metrics()
-        self.log = JsonLinesLog(
+        self.log = ArrowLog(
             settings.log_dir,
             settings.prediction_log_max_bytes,
             settings.prediction_log_backups,

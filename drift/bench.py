@@ -1,9 +1,8 @@
 """The report job at scale: a generated prediction log of N rows, the job end to end against bare Evidently.
 
-1. Write a log like the service's: N rows drawn from the model's reference set (the baseline scenario) with
-   the model's real predictions, time-stamped over the last hour, rotated every
-   TABSERVE_PREDICTION_LOG_MAX_BYTES, plus a few corrupt lines, rows of another version and a partly
-   written last line.
+1. Write a log with the service's own writer (serving/arrowlog.py): N rows drawn from the model's reference
+   set (the baseline scenario) with the model's real predictions, in requests of 50 rows time-stamped over
+   the last hour, rotated every TABSERVE_PREDICTION_LOG_MAX_BYTES, plus rows of another version.
 2. Time ``python -m drift report`` on it in its own process, as users run it: start-up, imports, reading,
    sampling, the Evidently report, HTML, JSON, latest.json and the workspace snapshot.
 3. Time bare Evidently in its own process: ``Report([DataDriftPreset()]).run`` on the same N rows, already
@@ -26,17 +25,21 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
-import orjson
+import numpy as np
 import pandas as pd
 
+from drift.logs import find_log_files
 from drift.simulate import Scenario, traffic
 from drift.summary import read_latest
 from models.schema import FeatureKind
 from models.store import StoredModel
+from serving.arrowlog import AnsweredRequest, ArrowLog, LogColumns
 from settings import PROJECT_ROOT, get_settings
 
 CHUNK_ROWS = 50_000
+REQUEST_ROWS = 50
 SEED = 0
 
 
@@ -55,53 +58,44 @@ def chunks(model: StoredModel, rows: int, seed: int) -> Iterator[pd.DataFrame]:
 
 
 def write_log(model: StoredModel, directory: Path, rows: int, seed: int, max_bytes: int) -> int:
-    """The service's log format, rotated as the service rotates it; returns the bytes written."""
-    lineage = model.lineage
-    classes = [str(label) for label in model.classes] if model.classes else None
-    start = datetime.now(UTC) - timedelta(hours=1)
-    step = timedelta(hours=1) / rows
-    parts: list[Path] = []
-    written = size = row = 0
-    sink = None
+    """The service's log, written and rotated by the service's writer; returns the bytes written."""
+    log = ArrowLog(directory, max_bytes, backups=1_000_000)
+    served = LogColumns(model.schema.features, model.classes, model.lineage)
+    older = LogColumns(model.schema.features, model.classes, {**model.lineage, "version": "older-version"})
+    numeric_only = all(feature.kind is FeatureKind.NUMERIC for feature in model.schema.features)
+    start_us = int((datetime.now(UTC) - timedelta(hours=1)).timestamp() * 1e6)
+    step_us = 3_600e6 / rows
+    row = 0
     for frame in chunks(model, rows, seed):
         predictions = model.predict(frame)
-        features = frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
-        for index, record in enumerate(features):
-            if sink is None or size >= max_bytes:
-                if sink is not None:
-                    sink.close()
-                parts.append(directory / f"part-{len(parts)}")
-                sink, size = parts[-1].open("wb"), 0
-            probabilities = None
-            if classes is not None and predictions.probabilities is not None:
-                probabilities = dict(zip(classes, predictions.probabilities[index].tolist(), strict=True))
-            line = orjson.dumps(
-                {
-                    "ts": (start + step * row).isoformat(),
-                    "request_id": uuid.uuid4().hex,
-                    "transport": "http",
-                    "endpoint": "/predict_batch",
-                    **lineage,
-                    "features": record,
-                    "prediction": predictions.labels[index],
-                    "probabilities": probabilities,
-                    "unknown_categories": {},
-                },
-                option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE,
-            )
-            if row % 100_000 == 0:  # the log's rough edges: a corrupt line, a row of another version
-                line += b'{"ts": "not a time"\n' + line.replace(model.version.encode(), b"older-version")
-            sink.write(line)
-            size += len(line)
-            written += len(line)
-            row += 1
-    assert sink is not None
-    sink.write(b'{"ts": "2026-')  # a line the writer has not finished
-    sink.close()
-    # Rotation names: the newest part is the live file, the one before it .1, and so on.
-    for age, part in enumerate(reversed(parts)):
-        part.rename(directory / f"predictions-4242.jsonl{f'.{age}' if age else ''}")
-    return written
+        # The rows as the data plane holds them: float64 when every feature is a number, else objects.
+        values = frame[model.schema.names]
+        if numeric_only:
+            matrix = values.to_numpy(np.float64)
+        else:
+            matrix = values.astype(object).where(values.notna(), None).to_numpy()
+        labels: list[Any] = predictions.labels.tolist()
+        probabilities = predictions.probabilities
+        for start in range(0, len(frame), REQUEST_ROWS):
+            part = slice(start, start + REQUEST_ROWS)
+            size = len(matrix[part])
+            for columns in (served, older) if row % 100_000 == 0 else (served,):  # a version's rough edge
+                log.write(
+                    AnsweredRequest(
+                        columns=columns,
+                        answered_at_us=start_us + int(step_us * row),
+                        request_id=uuid.uuid4().hex,
+                        transport="http",
+                        endpoint="/predict_batch",
+                        rows=matrix[part],
+                        labels=labels[part],
+                        probabilities=None if probabilities is None else probabilities[part],
+                        unknown_categories=[{}] * size,
+                    )
+                )
+            row += size
+    log.close()
+    return sum(path.stat().st_size for path in find_log_files(directory))
 
 
 def run(

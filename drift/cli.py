@@ -7,6 +7,7 @@
     python -m drift schedule --every 1h        # the same report every hour, in one process
     python -m drift simulate shift --features "mean radius,mean texture" --k 2
     python -m drift bench                      # 1,000,000 logged rows: this job against bare Evidently
+    python -m drift show-log --last 5          # the prediction log's latest rows, as JSON lines
 
 Exit codes of report: 0 no drift, 1 drift, 2 cannot judge (too few rows, no log, unknown model version).
 Exit codes of performance: 0 healthy, 1 degraded, 2 cannot judge (too few labelled rows, no log, unknown
@@ -15,20 +16,24 @@ model version).
 
 from __future__ import annotations
 
+import heapq
 import secrets
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
+from operator import itemgetter
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
+import orjson
 import typer
 from rich.console import Console
 
 from drift import bench as benchmark
 from drift import simulate as traffic
 from drift.job import CANNOT_JUDGE, ReportOptions, run_report
-from drift.logs import parse_window
+from drift.logs import find_log_files, log_records, parse_window
 from drift.performance import PerformanceOptions, run_performance
 from drift.schedule import parse_interval, run_every
 from models.errors import InputError, first_line
@@ -390,6 +395,24 @@ def _print_feedback(tally: traffic.FeedbackTally) -> None:
     out.print(f"  failed   {tally.failed:,}")
     for reason, count in tally.reasons.most_common(5):
         out.print(f"    {count:,} labels: {reason}")
+
+
+@app.command("show-log")
+def show_log(
+    log_dir: LogDir = None,
+    file: Files = None,
+    last: Annotated[
+        int | None, typer.Option(min=1, help="Only the last N records (of the newest files).")
+    ] = None,
+) -> None:
+    """Print the prediction log as JSON lines, one object per answered row, whichever format wrote it: for
+    jq, grep and people. The log itself is Arrow record batches (serving/arrowlog.py)."""
+    files = list(file or []) or find_log_files(log_dir or get_settings().log_dir)
+    records: Iterable[dict[str, Any]] = log_records(files)
+    if last is not None:  # held in memory: only the latest `last`
+        records = sorted(heapq.nlargest(last, records, key=itemgetter("ts")), key=itemgetter("ts"))
+    for record in records:
+        sys.stdout.buffer.write(orjson.dumps(record) + b"\n")
 
 
 @app.command()

@@ -52,7 +52,7 @@ def run_report(options: ReportOptions, settings: Settings, say: Callable[[str], 
     files = list(options.files) or find_log_files(options.log_dir)
     if not files:
         raise InputError(
-            f"no prediction log in {options.log_dir} (files predictions-*.jsonl): is the service writing "
+            f"no prediction log in {options.log_dir} (files predictions-*.arrows): is the service writing "
             "there? Set TABSERVE_PREDICTION_LOG_DIR or pass --log-dir"
         )
     sample = read_log(files, LogTarget.of(model), window, options.max_rows, options.seed)

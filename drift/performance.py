@@ -153,12 +153,10 @@ def read_labelled(
     truths: list[Any] = []
     confidence_sum, confident_rows = 0.0, 0
     previous_id, position = None, 0
-    for line, row in rows_of_version(files, target, window, stats):
-        record = orjson.loads(line)  # parsed again for the two keys the drift reader does not keep
-        request_id = record.get("request_id")
+    for request_id, logged_index, row in rows_of_version(files, target, window, stats):
         position = position + 1 if request_id == previous_id else 0
         previous_id = request_id
-        index = record.get("row", position)
+        index = position if logged_index is None else logged_index
         if target.classes is not None and np.isfinite(row[3]).all():  # without probabilities: no say
             confidence_sum += float(row[3].max())
             confident_rows += 1

@@ -14,22 +14,20 @@ import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from functools import cached_property
 from typing import Any
 
 import numpy as np
-import orjson
 from pydantic import BaseModel
 
 from models.schema import MAX_STORED_CATEGORIES, Feature, FeatureKind, field_names
 from models.store import StoredModel
 from serving.answered import AnsweredIndex
+from serving.arrowlog import AnsweredRequest, ArrowLog, LogColumns
 from serving.errors import BadInputError, ModelNotFoundError, ServingError
 from serving.metrics import ServingMetrics, mark_refusal_counted
 from serving.model import COMPILED, SCIKIT_LEARN
 from serving.oip.codec import InferRequest, OutputTensor, columns_from_tensors
-from serving.predlog import JsonLinesLog
 
 # The model service's batchable API: prepared rows (a 2-D array in schema column order) in, probabilities
 # (classification) or values (regression) out. An array, not a DataFrame: BentoML 1.4's batching dispatcher
@@ -80,7 +78,7 @@ class DataPlane:
         model: StoredModel,
         call_model: ModelCall,
         scorer: dict[str, Any],
-        log: JsonLinesLog,
+        log: ArrowLog,
         metrics: ServingMetrics,
         answered: AnsweredIndex | None = None,
         on_answered: AnsweredHook | None = None,
@@ -93,7 +91,6 @@ class DataPlane:
         self.task = model.task
         self.classes = [str(label) for label in model.classes] if model.classes else None
         self.lineage = model.lineage
-        self._lineage_end = b"," + orjson.dumps(self.lineage)[1:]  # closes a prediction-log line
         self._call_model = call_model
         self.scorer = scorer  # what scores the rows, and why (serving/model.py planned_scorer)
         # Rows are 2-D arrays in schema column order, never DataFrames: building a frame per request costs
@@ -108,6 +105,7 @@ class DataPlane:
         self._limits = np.array([model.schema.features[i].limit for i in self._limited], dtype=np.float64)
         self._output_names = ["label", "probabilities"] if self.classes else ["label"]
         self._log = log
+        self._log_columns = LogColumns(model.schema.features, model.classes, self.lineage)
         self._answered = answered
         self._on_answered = on_answered
         self._metrics = metrics
@@ -337,22 +335,19 @@ class DataPlane:
             self._metrics.predictions.labels(model=self.name, version=self.version, predicted=label).inc(
                 count
             )
-        # Encoded in pieces: the parts shared by the request's rows once, then per row its features and its
-        # answer (half the cost of one dict per row). Keys in the order predlog.py documents; NaN -> null.
-        start = orjson.dumps({"ts": datetime.now(UTC).isoformat(), "request_id": batch.request_id})[:-1]
-        source = b"," + orjson.dumps({"transport": transport, "endpoint": endpoint})[1:-1] + b',"features":'
-        names = self.feature_names
+        # Only queued here: the log's thread turns the rows and answers into columns (serving/arrowlog.py).
         self._log.write(
-            [
-                start
-                + b',"row":%d' % index
-                + source
-                + orjson.dumps(dict(zip(names, row, strict=True)))
-                + b","
-                + orjson.dumps(answer)[1:-1]
-                + self._lineage_end
-                for index, (row, answer) in enumerate(zip(rows.tolist(), batch.answers, strict=True))
-            ]
+            AnsweredRequest(
+                columns=self._log_columns,
+                answered_at_us=time.time_ns() // 1000,
+                request_id=batch.request_id,
+                transport=transport,
+                endpoint=endpoint,
+                rows=rows,
+                labels=batch.labels,
+                probabilities=batch.probabilities,
+                unknown_categories=batch.unknown_categories,
+            )
         )
         if self._answered is not None:
             self._answered.add(batch.request_id, len(rows), self.version)

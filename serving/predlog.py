@@ -1,14 +1,16 @@
-"""The prediction log, one JSON line per answered row (the live data that drift and performance reports
-read), and the feedback log, one JSON line per label sent back for an answered row: both `JsonLinesLog`s.
+"""Logs of JSON lines: the feedback log, one line per label sent back for an answered row, and the shadow
+challenger's log (serving/shadow.py). The prediction log was one too before it became Arrow batches
+(serving/arrowlog.py); its readers still read the files that earlier versions wrote (line format below).
 
-Files: ``<log dir>/<stem>-<host>-<pid>.jsonl`` (stem ``predictions`` or ``feedback``), rotated by size
+Files: ``<log dir>/<stem>-<host>-<pid>.jsonl`` (stem ``feedback`` or ``shadow``), rotated by size
 (``.1``, ``.2``, ... up to the backup count). One file per worker process, so that rotation never races
 between processes; the host name keeps the files of replicas apart on a shared volume (in containers, every
 replica's worker has the same pid).
 Writing happens on a background thread (QueueHandler -> QueueListener), so a slow disk never blocks a
 request, and a failing disk never fails one: the record is dropped, counted, and a warning is logged once.
 
-A prediction line (keys in this order; ``row`` is the row's index within its request, from 0):
+A prediction line as earlier versions wrote them (keys in this order; ``row`` is the row's index within
+its request, from 0):
     {"ts": "2026-11-23T10:00:00.123456+00:00", "request_id": "...", "row": 0, "transport": "http",
      "endpoint": "/predict", "features": {"mean radius": 13.5, ...}, "prediction": "benign",
      "probabilities": {"benign": 0.99, "malignant": 0.01}, "unknown_categories": {},
@@ -99,18 +101,38 @@ class _DrainingListener(logging.handlers.QueueListener):
         return record
 
 
-class JsonLinesLog:
+class CountedDrops:
+    """A log that never fails its caller: what it cannot write is dropped, counted, and warned about once."""
+
+    path: Path  # the live file, named in the warning
+
+    def __init__(self, on_drop: Callable[[int], None] | None) -> None:
+        self.dropped = 0
+        self._on_drop_metric = on_drop
+        self._warned = False
+
+    def _drop(self, count: int) -> None:
+        self.dropped += count
+        if self._on_drop_metric is not None:
+            self._on_drop_metric(count)
+        self._warn(f"could not write to the log {self.path}; dropped records are counted")
+
+    def _warn(self, message: str) -> None:
+        if not self._warned:
+            self._warned = True
+            logger.warning(message)
+
+
+class JsonLinesLog(CountedDrops):
     def __init__(
         self,
         directory: Path,
         max_bytes: int,
         backups: int,
         on_drop: Callable[[int], None] | None = None,
-        stem: str = "predictions",
+        stem: str = "feedback",
     ) -> None:
-        self.dropped = 0
-        self._on_drop_metric = on_drop
-        self._warned = False
+        super().__init__(on_drop)
         self._listener: _DrainingListener | None = None
         self._logger = logging.getLogger(f"tabserve.{stem}.{id(self)}")
         self._logger.propagate = False
@@ -147,14 +169,3 @@ class JsonLinesLog:
         if self._listener is not None:
             self._listener.stop()
             self._listener = None
-
-    def _drop(self, count: int) -> None:
-        self.dropped += count
-        if self._on_drop_metric is not None:
-            self._on_drop_metric(count)
-        self._warn(f"could not write to the log {self.path}; dropped records are counted")
-
-    def _warn(self, message: str) -> None:
-        if not self._warned:
-            self._warned = True
-            logger.warning(message)

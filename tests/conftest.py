@@ -24,6 +24,7 @@ import httpx
 import pytest
 from mlflow import MlflowClient
 
+from drift.logs import find_log_files, log_records
 from drift.summary import PERFORMANCE_FILE, PerformanceSummary, Summary, write_json, write_latest
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -150,6 +151,12 @@ class Server:
 
     def output_text(self) -> str:
         return self.output.read_text(errors="replace")
+
+
+def logged_rows(log_dir: Path) -> list[dict[str, Any]]:
+    """Every row of a prediction log (Arrow batches, or JSON lines as earlier versions wrote them), each as a
+    JSON line has it."""
+    return list(log_records(find_log_files(log_dir)))
 
 
 def free_port() -> int:

@@ -3,7 +3,6 @@ predictions: a refused request is neither logged (it would pollute the drift dat
 
 from __future__ import annotations
 
-import json
 import time
 
 import grpc
@@ -14,7 +13,7 @@ import pytest
 from models.data import load_default
 from serving.oip import grpc_predict_v2_pb2 as pb
 from serving.oip import grpc_predict_v2_pb2_grpc as pb_grpc
-from tests.conftest import Server
+from tests.conftest import Server, logged_rows
 from tests.test_service import metric_values
 
 REFUSED = 20
@@ -26,11 +25,7 @@ def row() -> list[float]:
 
 
 def logged_request_ids(server: Server) -> set[str]:
-    return {
-        json.loads(line)["request_id"]
-        for path in server.log_dir.glob("predictions-*.jsonl*")
-        for line in path.open()
-    }
+    return {row["request_id"] for row in logged_rows(server.log_dir)}
 
 
 def predictions_counted(server: Server) -> float:

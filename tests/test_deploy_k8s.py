@@ -198,7 +198,7 @@ def test_the_drift_cronjob_reads_every_pods_log_from_the_bento(base: list[dict[s
     script = container["args"][-1]
     assert container["args"][:2] == ["sh", "-c"]
     assert "python -m drift report" in script
-    assert '"$TABSERVE_PREDICTION_LOG_DIR"/*/predictions-*.jsonl*' in script
+    assert '"$TABSERVE_PREDICTION_LOG_DIR"/*/predictions-*' in script
     env = {item["name"]: item["value"] for item in container["env"]}
     assert env["TABSERVE_PREDICTION_LOG_DIR"] == f"{STATE}/predictions"
     # Outside `bentoml serve`, the code is found from the bento's source folder and the model through a

@@ -8,12 +8,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
+import pyarrow as pa
 import pytest
 
-from drift.logs import LogTarget, Window, find_log_files, parse_window, read_log
+from drift.logs import LogTarget, Window, find_log_files, log_records, parse_window, read_log
 from models.errors import InputError
 from models.schema import Feature, FeatureKind, FeatureSchema
+from serving.arrowlog import LINEAGE_KEYS, AnsweredRequest, LogColumns
 
 SCHEMA = FeatureSchema(
     features=[
@@ -43,6 +46,30 @@ def record(row: int, **changes: Any) -> dict[str, Any]:
 def write(path: Path, records: list[dict[str, Any] | bytes], newline_at_end: bool = True) -> Path:
     lines = [r if isinstance(r, bytes) else orjson.dumps(r) for r in records]
     path.write_bytes(b"\n".join(lines) + (b"\n" if newline_at_end else b""))
+    return path
+
+
+def write_arrow(path: Path, records: list[dict[str, Any]], batch_rows: int = 3) -> Path:
+    """The records as the service writes them (serving/arrowlog.py), a batch per `batch_rows` records."""
+    lineage = dict.fromkeys(LINEAGE_KEYS, "-")
+    answered = [
+        AnsweredRequest(
+            columns=LogColumns(SCHEMA.features, TARGET.classes, {**lineage, **r, "request_id": "-"}),
+            answered_at_us=int(datetime.fromisoformat(r["ts"]).timestamp() * 1e6),
+            request_id=f"req-{index}",
+            transport="http",
+            endpoint="/predict",
+            rows=np.array([[r["features"][f.name] for f in SCHEMA.features]], dtype=object),
+            labels=[r["prediction"]],
+            probabilities=np.array([[r["probabilities"]["no"], r["probabilities"]["yes"]]]),
+            unknown_categories=[{}],
+        )
+        for index, r in enumerate(records)
+    ]
+    with path.open("wb") as sink, pa.ipc.new_stream(sink, answered[0].columns.schema) as stream:
+        for start in range(0, len(answered), batch_rows):
+            for request in answered[start : start + batch_rows]:
+                stream.write_batch(request.columns.batch([request]))
     return path
 
 
@@ -195,3 +222,75 @@ def test_bad_window_options_are_one_line_errors(since: str | None, until: str | 
     with pytest.raises(InputError) as caught:
         parse_window(since, until, NOW)
     assert "\n" not in str(caught.value)
+
+
+def varied_records() -> list[dict[str, Any]]:
+    """Rows over two hours, two versions, missing values and both booleans."""
+    rows = [record(minute) for minute in range(0, 120, 3)]
+    for index, row in enumerate(rows):
+        if index % 5 == 0:
+            row["features"] = {**row["features"], "city": None, "y": None}
+        if index % 7 == 0:
+            row["version"] = "v0"
+        if index % 2:
+            row["prediction"], row["probabilities"] = "no", {"no": 0.6, "yes": 0.4}
+    return rows
+
+
+def test_an_arrow_log_reads_as_the_same_json_lines_do(tmp_path: Path) -> None:
+    rows = varied_records()
+    window = Window(since=NOW - timedelta(minutes=90), until=NOW - timedelta(minutes=10))
+    json_lines = read([write(tmp_path / "predictions-1.jsonl", rows)], window)
+    arrow = read([write_arrow(tmp_path / "predictions-1.arrows", rows)], window)
+    assert arrow.frame.equals(json_lines.frame)
+    assert len(arrow.frame) > 10
+    assert arrow.frame["city"].isna().any()
+    assert (arrow.stats.seen, arrow.stats.outside_window, arrow.stats.other_versions) == (
+        json_lines.stats.seen,
+        json_lines.stats.outside_window,
+        json_lines.stats.other_versions,
+    )
+    assert arrow.stats.corrupt == arrow.stats.partial == 0
+    # Both formats of one worker's log, before and after an upgrade, are read together.
+    both = read(find_log_files(tmp_path), window)
+    assert both.stats.seen == 2 * arrow.stats.seen
+
+
+def test_log_records_are_the_same_in_both_formats(tmp_path: Path) -> None:
+    rows = varied_records()[:6]
+    from_lines = list(log_records([write(tmp_path / "predictions-1.jsonl", rows)]))
+    from_batches = list(log_records([write_arrow(tmp_path / "predictions-1.arrows", rows)]))
+    for line, batch in zip(from_lines, from_batches, strict=True):
+        assert {key: batch[key] for key in line} == line
+
+
+def test_a_batch_cut_short_is_skipped_and_counted_and_earlier_batches_kept(tmp_path: Path) -> None:
+    path = write_arrow(tmp_path / "predictions-1.arrows", [record(i) for i in range(9)], batch_rows=3)
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-40])  # the last batch was being written (or the disk filled up)
+    sample = read([path])
+    assert (sample.stats.seen, sample.stats.partial, sample.stats.corrupt) == (8, 1, 0)
+    path.write_bytes(whole[:20])  # not even the schema yet
+    assert (read([path]).stats.seen, read([path]).stats.partial) == (0, 1)
+
+
+def test_a_batch_without_the_log_columns_is_corrupt(tmp_path: Path) -> None:
+    path = tmp_path / "predictions-1.arrows"
+    table = pa.table({"ts": [1, 2], "model": ["m", "m"], "features": ["x", "y"], "version": ["v1", "v1"]})
+    with path.open("wb") as sink, pa.ipc.new_stream(sink, table.schema) as stream:
+        stream.write_table(table)
+    sample = read([path])
+    assert (sample.stats.seen, sample.stats.corrupt) == (0, 2)
+
+
+def test_arrow_files_and_their_rotated_copies_are_found_with_json_lines(tmp_path: Path) -> None:
+    for name in ["predictions-a.b-7.arrows", "predictions-a.b-7.arrows.2", "predictions-a.b-7.arrows.1"]:
+        write_arrow(tmp_path / name, [record(0)])
+    write(tmp_path / "predictions-a.b-7.jsonl.1", [record(1)])
+    (tmp_path / "predictions-a.b-7.arrows.3").mkdir()  # a directory is never a log
+    assert [f.name for f in find_log_files(tmp_path)] == [
+        "predictions-a.b-7.arrows.2",
+        "predictions-a.b-7.arrows.1",
+        "predictions-a.b-7.jsonl.1",
+        "predictions-a.b-7.arrows",
+    ]

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from drift.cli import app
 from drift.simulate import RowKey, Scenario, send_feedback, traffic
 from models.store import TARGET_COLUMN, StoredModel
-from tests.conftest import Server, Stores, assert_ok, run_train
+from tests.conftest import Server, Stores, assert_ok, logged_rows, run_train
 from tests.tables import mixed_table
 from tests.test_drift_cli import run_drift
 
@@ -24,6 +24,8 @@ SEND = ["--rows", str(ROWS), "--batch", "50", "--rate", "5000", "--feedback", "1
 
 
 def lines(directory: Path, prefix: str) -> int:
+    if prefix == "predictions":
+        return len(logged_rows(directory))
     return sum(len(path.read_bytes().splitlines()) for path in directory.glob(f"{prefix}-*.jsonl*"))
 
 

@@ -16,7 +16,7 @@ import pytest
 from models.data import load_default
 from serving.oip import grpc_predict_v2_pb2 as pb
 from serving.oip import grpc_predict_v2_pb2_grpc as pb_grpc
-from tests.conftest import Server
+from tests.conftest import Server, logged_rows
 from tests.test_service import metric_values
 
 
@@ -76,7 +76,7 @@ def test_every_answer_names_its_request_and_row(server: Server, records: list[di
     assert grpc_infer(server, "grpc-1", np.array([list(records[0].values())])).id == "grpc-1"
 
     logged = wait_for(
-        lambda: jsonl(server.log_dir, "predictions"),
+        lambda: logged_rows(server.log_dir),
         lambda lines: sum(line["request_id"] == made[0]["request_id"] for line in lines) == 3,
     )
     rows = sorted(line["row"] for line in logged if line["request_id"] == made[0]["request_id"])

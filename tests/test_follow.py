@@ -28,7 +28,7 @@ from models.store import PROBABILITY_PREFIX, REFERENCE_FILE, StoredModel, reprod
 from serving.follow import request_incompatibility
 from serving.oip import grpc_predict_v2_pb2 as pb
 from serving.oip import grpc_predict_v2_pb2_grpc as pb_grpc
-from tests.conftest import Stores, assert_ok, free_port, run_train, start_server, wait_ready
+from tests.conftest import Stores, assert_ok, free_port, logged_rows, run_train, start_server, wait_ready
 from tests.tables import breast_cancer_table
 
 NAME = "breast_cancer"
@@ -193,11 +193,7 @@ def assert_swapped_cleanly(clients: list[Client], old: str, new: str) -> None:
 
 
 def logged_versions(log_dir: Path) -> set[str]:
-    return {
-        orjson.loads(line)["registered_version"]
-        for path in log_dir.glob("predictions-*.jsonl")
-        for line in path.read_bytes().splitlines()
-    }
+    return {row["registered_version"] for row in logged_rows(log_dir)}
 
 
 def test_starts_on_the_champion_and_follows_it(server: Served) -> None:

@@ -35,6 +35,7 @@ from models.candidates import candidates
 from models.data import Task
 from models.schema import FeatureSchema
 from models.store import StoredModel
+from serving.arrowlog import ArrowLog
 from serving.dataplane import DataPlane
 from serving.errors import BadInputError
 from serving.metrics import serving_metrics
@@ -53,7 +54,6 @@ from serving.oip.codec import (
     error_body,
 )
 from serving.oip.grpc_server import SERVICE_NAME, GrpcBindError, GrpcServer, start_grpc_server
-from serving.predlog import JsonLinesLog
 
 FEATURES = ["size", "weight", "color", "member"]
 
@@ -775,7 +775,7 @@ PlaneFactory = Callable[..., DataPlane]
 @pytest.fixture(scope="module")
 def new_plane(toy: ToyModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PlaneFactory]:
     """Real DataPlanes over the toy pipeline, or over `call` in its place."""
-    logs: list[JsonLinesLog] = []
+    logs: list[ArrowLog] = []
 
     def new(call: ModelCall | None = None) -> DataPlane:
         async def call_model(rows: np.ndarray) -> np.ndarray:
@@ -783,7 +783,7 @@ def new_plane(toy: ToyModel, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             frame = pd.DataFrame(rows, columns=toy.stored.schema.names)
             return await call(frame) if call is not None else toy.probabilities(frame)
 
-        logs.append(JsonLinesLog(tmp_path_factory.mktemp("predictions"), 1_000_000, 1))
+        logs.append(ArrowLog(tmp_path_factory.mktemp("predictions"), 1_000_000, 1))
         scorer = {"scorer": "scikit-learn", "reason": "a test's model call"}
         return DataPlane(toy.stored, call_model, scorer, logs[-1], serving_metrics())
 

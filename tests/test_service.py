@@ -28,6 +28,7 @@ from tests.conftest import (
     Server,
     Stores,
     free_port,
+    logged_rows,
     start_server,
 )
 
@@ -345,9 +346,7 @@ def test_prediction_log_has_one_line_per_answered_row(
     answer = post(server, "/predict", records[3]).json()
 
     def logged() -> list[dict[str, Any]]:
-        lines = [
-            json.loads(line) for path in server.log_dir.glob("predictions-*.jsonl*") for line in path.open()
-        ]
+        lines = logged_rows(server.log_dir)
         return [line for line in lines if line["features"] == records[3] and line["endpoint"] == "/predict"]
 
     deadline = time.monotonic() + 10  # the log is written by a background thread

@@ -10,7 +10,6 @@ server stopped) is lost only if the server processed it.
 
 from __future__ import annotations
 
-import json
 import signal
 import threading
 import time
@@ -24,7 +23,7 @@ import tritonclient.grpc as triton_grpc
 from tritonclient.utils import InferenceServerException
 
 from models.data import load_default
-from tests.conftest import Stores, free_port, start_server, wait_ready
+from tests.conftest import Stores, free_port, logged_rows, start_server, wait_ready
 
 HTTP_CLIENTS, GRPC_CLIENTS = 12, 8
 LOAD_BEFORE_SIGTERM = 3.0
@@ -124,11 +123,7 @@ def test_sigterm_under_load_loses_no_accepted_request(
         if process.poll() is None:
             process.kill()
 
-    logged = {
-        json.loads(line)["request_id"]
-        for path in log_dir.glob("predictions-*.jsonl*")
-        for line in path.open()
-    }
+    logged = {row["request_id"] for row in logged_rows(log_dir)}
     answered = {o.request_id for o in outcomes if o.kind == "ok"}
     assert answered <= logged, "answered requests missing from the prediction log"
     # A connection reset before the server read the request is a refusal too; the log tells which were read.

@@ -3,7 +3,6 @@ users call us with (tritonclient, grpcio's health and reflection clients)."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 
@@ -19,7 +18,7 @@ from tritonclient.utils import InferenceServerException
 
 from models.data import load_default
 from models.store import StoredModel
-from tests.conftest import MAX_BODY_BYTES, Server
+from tests.conftest import MAX_BODY_BYTES, Server, logged_rows
 
 ROWS = 16
 
@@ -263,10 +262,6 @@ def test_grpc_predictions_are_logged_with_their_transport(server: Server) -> Non
     deadline = time.monotonic() + 10
     transports: set[str] = set()
     while time.monotonic() < deadline and not {"grpc", "oip_rest"} <= transports:
-        transports = {
-            json.loads(line)["transport"]
-            for path in server.log_dir.glob("predictions-*.jsonl*")
-            for line in path.open()
-        }
+        transports = {row["transport"] for row in logged_rows(server.log_dir)}
         time.sleep(0.2)
     assert {"grpc", "oip_rest"} <= transports

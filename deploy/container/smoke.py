@@ -238,7 +238,7 @@ def check_log_on_volume(engine: Engine, container: str, folder: str) -> None:
     listing = ""
     while time.monotonic() < deadline:
         listing = engine(
-            "exec", container, "sh", "-c", f"ls {folder}/predictions-*.jsonl 2>/dev/null || true"
+            "exec", container, "sh", "-c", f"ls {folder}/predictions-*.arrows 2>/dev/null || true"
         )
         if listing:
             return
@@ -299,11 +299,12 @@ def serve_like_kubernetes(engine: Engine, image: str, volume: str, timings: Timi
 
 DRIFT_ENVIRONMENT_CHECK = """
 from settings import get_settings
+from drift.logs import find_log_files
 from models.registry import served_model
 settings = get_settings()
 model = served_model(settings)[0]
 rows = len(model.load_reference())
-logs = sorted(settings.log_dir.glob("predictions-*.jsonl*"))
+logs = find_log_files(settings.log_dir)
 assert logs, f"no prediction log in {settings.log_dir}"
 print(f"drift job sees {model.tag} ({rows} reference rows) and {len(logs)} log file(s)")
 """
