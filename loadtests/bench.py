@@ -1,6 +1,6 @@
 """`make bench`: the service against its peers, on the same pipeline and the same rows, on loopback.
 
-    .venv/bin/python -m loadtests.bench            # full run (~14 min): updates BENCHMARKS.md and .json
+    .venv/bin/python -m loadtests.bench            # full run (~13 min): updates BENCHMARKS.md and .json
     .venv/bin/python -m loadtests.bench --quick    # 32 connections only, short runs (~3 min)
 
 Two models, one after the other:
@@ -8,7 +8,7 @@ Two models, one after the other:
   and 128 connections;
 - a tree model on a table with categories and missing values (loadtests/tree_model.py: examples/customers.csv
   with HistGradientBoosting), trained into stores of the benchmark's own: tabserve and MLServer only, at 32
-  and 128 connections (the lines the targets read), to keep the full run near 14 min on 2 cores.
+  and 128 connections (the lines the targets read), to keep the full run near 13 min on 2 cores.
 A --quick run measures both models at 32 connections only.
 
 For each model, one system after another, each on free loopback ports and stopped before the next starts:
