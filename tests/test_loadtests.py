@@ -10,12 +10,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import pytest
 import typer
 
 from loadtests import bench, endpoints, generators, proctree, report, rows, run_locust, servers
 from models.store import StoredModel
 from models.training import TrainingOptions
+from serving.oip import codec
 from tests.conftest import PROJECT_ROOT, Server, Stores
 
 SMOKE_SECONDS = 15
@@ -41,6 +44,27 @@ def test_rows_are_the_held_out_split_of_a_default_training_run() -> None:
 
 def test_grpc_frame_is_flag_length_message() -> None:
     assert rows.grpc_frame(b"abc") == b"\x00\x00\x00\x00\x03abc"
+
+
+def test_column_tensors_reach_the_service_as_the_rows_they_came_from() -> None:
+    """One tensor per feature (FP64 with NaN, BOOL, BYTES), in JSON, in raw and in typed gRPC contents: the
+    service's own OIP codec reads back the rows they were built from."""
+    prepared = pd.DataFrame({"age": [30.0, np.nan], "member": [1.0, 0.0], "city": ["paris", "lyon"]})
+    datatypes = {"age": "FP64", "member": "BOOL", "city": "BYTES"}
+    tensors = rows.column_tensors(prepared, datatypes, hint_text=False)
+    decoded = [
+        codec.decode_rest_request(rows.oip_rest_body(tensors), None),
+        codec.decode_grpc_request(rows.model_infer_request("m", tensors, raw=True)),
+        codec.decode_grpc_request(rows.model_infer_request("m", tensors, raw=False)),
+    ]
+    for request in decoded:
+        assert [tensor.shape for tensor in request.inputs] == [[2, 1]] * 3
+        columns = codec.columns_from_tensors(request.inputs, list(datatypes))
+        np.testing.assert_array_equal(np.asarray(columns["age"], dtype=np.float64), [30.0, np.nan])
+        assert list(columns["member"]) == [True, False]
+        assert list(columns["city"]) == ["paris", "lyon"]
+    hinted = rows.column_tensors(prepared, datatypes, hint_text=True)
+    assert [tensor.content_type for tensor in hinted] == [None, None, rows.TEXT_CONTENT_TYPE]
 
 
 def test_locust_smoke_run_has_no_errors(server: Server, tmp_path: Path) -> None:
