@@ -81,8 +81,9 @@ loadtest: setup
 	$(PY) train.py --if-missing
 	$(PY) -m loadtests.run_locust --run-time $(LOADTEST_TIME) --users $(LOADTEST_USERS)
 
-# tabserve vs FastAPI and MLServer with wrk and h2load (apt-get install wrk nghttp2-client). bench: < 10 min,
-# rewrites BENCHMARKS.md's generated section and BENCHMARKS.json. bench-quick: 32 connections, < 2 min.
+# tabserve vs FastAPI and MLServer with wrk and h2load (apt-get install wrk nghttp2-client), on the default model
+# and on a tree model the bench trains into its own stores (loadtests/tree_model.py). bench: ~13 min, rewrites
+# BENCHMARKS.md's generated section (targets included) and BENCHMARKS.json. bench-quick: 32 connections, ~3 min.
 bench: setup
 	$(PY) train.py --if-missing
 	$(PY) -m loadtests.bench

@@ -120,7 +120,7 @@ class HttpClient(FastHttpUser):
     @task(3)
     def oip_rest_infer(self) -> None:
         row = random.randrange(len(MATRIX))
-        body = rows.oip_rest_body(MATRIX[row : row + 1])
+        body = rows.oip_rest_body([rows.matrix_tensor(MATRIX[row : row + 1])])
         path = f"/v2/models/{model_name(self.environment)}/infer"
         with self.client.post(
             path,
@@ -151,7 +151,7 @@ class GrpcClient(User):
     @task
     def model_infer(self) -> None:
         row = random.randrange(len(MATRIX))
-        request = rows.model_infer_request(self.model, MATRIX[row : row + 1])
+        request = rows.model_infer_request(self.model, [rows.matrix_tensor(MATRIX[row : row + 1])])
         started = time.perf_counter()
         length = 0
         exception: Exception | None = None

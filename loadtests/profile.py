@@ -24,6 +24,7 @@ import typer
 
 from loadtests import bench, proctree, servers
 from loadtests.bench import FULL, Workload
+from loadtests.rows import held_out
 from models.registry import served_model
 from settings import get_settings
 
@@ -54,7 +55,7 @@ def main(
     if shutil.which("py-spy") is None and not (servers.VENV_BIN / "py-spy").exists():
         raise typer.BadParameter("py-spy is missing: `make setup` installs it (dev dependency)")
     model = served_model(get_settings())[0]
-    workload = Workload.of(model, FULL.batch_rows)
+    workload = Workload.of(model, held_out(), FULL.batch_rows)
     frame = workload.one if rows == 1 else workload.batch
     workdir = RESULTS / f"profile-{transport}-{rows}-{datetime.now(UTC):%Y%m%dT%H%M%S}"
     workdir.mkdir(parents=True)
@@ -63,9 +64,9 @@ def main(
     classes = [str(label) for label in model.classes or []]
     endpoint = {
         "http": lambda: bench.http_predict(launch.name, launch.url, frame, classes),
-        "oip-rest": lambda: bench.oip_rest(launch.name, launch.url, model.name, frame, "probabilities"),
+        "oip-rest": lambda: bench.oip_rest(launch.name, launch.url, model, frame, "probabilities"),
         "grpc": lambda: bench.oip_grpc(
-            launch.name, launch.grpc_target or "", model.name, frame, "probabilities", raw=True
+            launch.name, launch.grpc_target or "", model, frame, "probabilities", raw=True
         ),
     }[transport]()
     body = workdir / "body.bin"

@@ -67,7 +67,9 @@ def server_env(**overrides: str) -> dict[str, str]:
 
 
 def tabserve(http_port: int, grpc_port: int, log_dir: Path, **env: str) -> Launch:
-    """`bentoml serve` with the prediction log in `log_dir` and a BentoML home of its own beside it."""
+    """`bentoml serve` with the prediction log in `log_dir` and a BentoML home of its own beside it, sharing
+    the configured model store, unless `env` names a BENTOML_HOME (a store that only this server uses)."""
+    home = env.pop("BENTOML_HOME", None) or str(_home_sharing_the_models(log_dir.parent / "bentoml-home"))
     return Launch(
         name="tabserve",
         command=[
@@ -85,7 +87,7 @@ def tabserve(http_port: int, grpc_port: int, log_dir: Path, **env: str) -> Launc
             TABSERVE_PREDICTION_LOG_DIR=str(log_dir),
             TABSERVE_PREDICTION_LOG_MAX_BYTES=str(LOG_MAX_BYTES),
             TABSERVE_PREDICTION_LOG_BACKUPS=str(LOG_BACKUPS),
-            BENTOML_HOME=str(_home_sharing_the_models(log_dir.parent / "bentoml-home")),
+            BENTOML_HOME=home,
             **env,
         ),
         cwd=PROJECT_ROOT,

@@ -29,7 +29,7 @@ from typing import Annotated, Any
 import httpx
 import typer
 
-from loadtests import generators, servers
+from loadtests import generators, rows, servers
 from loadtests.bench import BENCHMARKS_MD, RESULTS, Workload, check, http_predict, machine, oip_grpc
 from loadtests.endpoints import Endpoint
 from loadtests.report import replace_section
@@ -74,7 +74,7 @@ def main(
             capture_output=True,
         )
     model = served_model(get_settings())[0]  # the stores above: BentoML reads BENTOML_HOME at first use
-    workload = Workload.of(model, 1)
+    workload = Workload.of(model, rows.held_out(), 1)
     runs: list[SwapRun] = []
     for shadow in (False, True):
         log_dir = workdir / ("shadow" if shadow else "follow") / "predictions"
@@ -89,7 +89,7 @@ def main(
             assert launch.grpc_target is not None
             endpoints = [
                 http_predict("tabserve", launch.url, workload.one, [str(c) for c in model.classes or []]),
-                oip_grpc("tabserve", launch.grpc_target, NAME, workload.one, "probabilities", raw=True),
+                oip_grpc("tabserve", launch.grpc_target, model, workload.one, "probabilities", raw=True),
             ]
             for endpoint in endpoints:
                 answer_bytes = check(endpoint, workload)
