@@ -30,8 +30,8 @@ Columns, one row per answered row:
     unknown_categories  map<string, string> feature -> a value never seen in training
     model, version, registered_version, mlflow_run_id, data_digest   string: the lineage
 
-Read it with `python -m drift show-log` (JSON lines), pyarrow (``pyarrow.ipc.open_stream(path)
-.read_pandas()``) or polars (``polars.read_ipc_stream(path)``).
+Read it with `python -m drift show-log` (JSON lines) or pyarrow
+(``pyarrow.ipc.open_stream(path).read_pandas()``).
 """
 
 from __future__ import annotations
