@@ -18,14 +18,16 @@ What skl2onnx 1.20 gets wrong for our pipelines (models/candidates.py), and the 
 - `OneHotEncoder(handle_unknown="infrequent_if_exist", max_categories=...)` sends unseen and infrequent
   categories nowhere, and outputs float32: our converter maps each category to its output column with a
   LabelEncoder (unseen and infrequent ones to the pooled column, as scikit-learn does), in float64.
-- float32 after a Concat: every part above and skl2onnx's scaler, linear and tree converters stay float64
-  on float64 inputs, so the Concat is float64 too.
-- HistGradientBoosting's float32 thresholds (skl2onnx #1192): with float64 inputs and ai.onnx.ml opset 3
-  the thresholds are kept in float64, as scikit-learn compares them. Forests' thresholds are adjusted by
-  skl2onnx itself to scikit-learn's float32 comparison.
-Whatever still differs (tree ensembles in onnxruntime sum in float32) is measured by `export`: the model is
-kept only if it is within models.compiled.TOLERANCE with the same labels, else it is recorded as not
-exported with the measured difference.
+- float32 after a Concat: the parts above and skl2onnx's scaler and linear converters stay float64 on
+  float64 inputs, so the Concat and what follows are float64 too.
+- Trees: skl2onnx's TreeEnsembleClassifier/Regressor store thresholds and leaf values as float32 attributes
+  and sum in float32 (HistGradientBoosting's thresholds, #1192; a forest's probabilities off by a whole
+  tree's vote here), and it fails on scikit-learn 1.9's gradient boosting nodes: our converter writes
+  ai.onnx.ml's TreeEnsemble (opset 5) in float64, after rounding a forest's inputs to float32 as
+  scikit-learn does, and computes the probabilities and labels with scikit-learn's formulas.
+Whatever still differs is measured by `export`: the model is kept only if it is within
+models.compiled.TOLERANCE with the same labels, else it is recorded as not exported with the measured
+difference.
 """
 
 from __future__ import annotations
@@ -63,19 +65,17 @@ from models.compiled import (
 from models.errors import first_line
 from models.schema import FeatureKind, FeatureSchema
 
-# The file's name in MLflow (under `onnx/`) and in the store folder, and the run's record of the outcome.
-ONNX_FILE = "model.onnx"
-ONNX_RECORD = "onnx.json"
 EXPORTED = "exported"
 NOT_EXPORTED = "not exported"
 # A missing category in a string input (a string tensor cannot hold NaN).
 MISSING_STRING = ""
-# ONNX opset 18 loads in onnxruntime 1.14 and later (Triton 23.02 on); ai.onnx.ml opset 3 is the first whose
-# tree ensembles keep float64 thresholds.
+# Opsets pinned rather than skl2onnx's newest, so that older onnxruntime builds (a Triton or KServe image's)
+# load the model too; ai.onnx.ml 3 is the newest that skl2onnx 1.20 targets.
 TARGET_OPSET = {"": 18, "ai.onnx.ml": 3}
-# TreeEnsemble, the tree op that keeps float64, exists from ai.onnx.ml opset 5 (onnxruntime 1.20 on), which
-# skl2onnx 1.20 refuses to target: models with trees import it after conversion. The other ai.onnx.ml op our
-# converters use, LabelEncoder with string keys, means the same there.
+# TreeEnsemble, the tree op that keeps float64, exists from ai.onnx.ml opset 5, which skl2onnx 1.20 refuses to
+# target: a model with trees imports it after conversion (onnxruntime 1.32 runs it here; an older runtime
+# must know the op). The other ai.onnx.ml op our converters use, LabelEncoder with string keys, means the
+# same at 5.
 TREE_ENSEMBLE_OPSET = 5
 
 
@@ -400,7 +400,10 @@ def convert(
         for opset in model.opset_import:
             if opset.domain == "ai.onnx.ml":
                 opset.version = TREE_ENSEMBLE_OPSET
-    onnx.checker.check_model(model, full_check=True)
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise NotExportableError(f"the ONNX checker refuses it: {first_line(exc)}") from None
     return model.SerializeToString()
 
 
@@ -446,7 +449,7 @@ def predict(runner: ort.InferenceSession, inputs: dict[str, Any], classification
 
 @dataclass(frozen=True)
 class OnnxOutcome:
-    """Whether the ONNX model was kept and why: recorded in MLflow (tag `onnx`, ONNX_RECORD) and in the
+    """Whether the ONNX model was kept and why: recorded in MLflow (tag `onnx`, `onnx.json`) and in the
     store metadata (`onnx`)."""
 
     onnx: str  # EXPORTED or NOT_EXPORTED
@@ -454,6 +457,9 @@ class OnnxOutcome:
     rows_checked: int = 0
     max_difference: float | None = None
     label_differences: int | None = None
+    # What a Triton or KServe caller sends: per feature, in order, its ONNX input name and Open Inference
+    # Protocol datatype.
+    inputs: list[dict[str, str]] | None = None
 
     def as_metadata(self) -> dict[str, Any]:
         """For BentoML metadata, which cannot hold None, and MLflow."""
@@ -480,7 +486,11 @@ def export(
         return None, OnnxOutcome(NOT_EXPORTED, why)
     frame = proof_rows(schema, prepared)
     expected_scores = pipeline.predict_proba(frame) if classification else pipeline.predict(frame)
-    outputs = predict(runner, feed(runner, schema, frame), classification)
+    try:
+        outputs = predict(runner, feed(runner, schema, frame), classification)
+    except Exception as exc:  # e.g. a converter's output that does not fit the next part's shapes
+        why = f"onnxruntime fails on the proof rows: {type(exc).__name__}: {first_line(exc)}"
+        return None, OnnxOutcome(NOT_EXPORTED, why)
     scores = outputs[-1] if classification else outputs[0].reshape(-1)
     difference, flips = disagreement(scores, expected_scores, classification)
     if classification:  # the label output a Triton or KServe caller reads, against scikit-learn's
@@ -494,5 +504,14 @@ def export(
             f"(tolerance {TOLERANCE:g}), {flips} of {len(frame)} labels differ"
         )
         return None, OnnxOutcome(NOT_EXPORTED, why, **measured)  # type: ignore[arg-type]
+    names = input_names(runner, schema)
+    inputs = [
+        {
+            "name": names[feature.name],
+            "feature": feature.name,
+            "datatype": "BYTES" if feature.kind is FeatureKind.CATEGORICAL else "FP64",
+        }
+        for feature in schema.features
+    ]
     why = f"onnxruntime equal to scikit-learn within {TOLERANCE:g}"
-    return model, OnnxOutcome(EXPORTED, why, **measured)  # type: ignore[arg-type]
+    return model, OnnxOutcome(EXPORTED, why, **measured, inputs=inputs)  # type: ignore[arg-type]
