@@ -495,15 +495,13 @@ def export(
     difference, flips = disagreement(scores, expected_scores, classification)
     if classification:  # the label output a Triton or KServe caller reads, against scikit-learn's
         flips = max(flips, int(np.sum(outputs[0].reshape(-1) != pipeline.predict(frame))))
-    measured = {"rows_checked": len(frame), "max_difference": difference}
-    if classification:
-        measured["label_differences"] = flips
+    labels_differing = flips if classification else None
     if flips or not difference <= TOLERANCE:  # NaN included
         why = (
             f"onnxruntime differs from scikit-learn: max difference {difference:.3g} "
             f"(tolerance {TOLERANCE:g}), {flips} of {len(frame)} labels differ"
         )
-        return None, OnnxOutcome(NOT_EXPORTED, why, **measured)  # type: ignore[arg-type]
+        return None, OnnxOutcome(NOT_EXPORTED, why, len(frame), difference, labels_differing)
     names = input_names(runner, schema)
     inputs = [
         {
@@ -514,4 +512,4 @@ def export(
         for feature in schema.features
     ]
     why = f"onnxruntime equal to scikit-learn within {TOLERANCE:g}"
-    return model, OnnxOutcome(EXPORTED, why, **measured, inputs=inputs)  # type: ignore[arg-type]
+    return model, OnnxOutcome(EXPORTED, why, len(frame), difference, labels_differing, inputs)

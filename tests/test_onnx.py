@@ -46,6 +46,13 @@ TABLES = {
     "mixed": (mixed_table(600).drop(columns=["customer_id"]), "segment"),
     "mixed-3-classes": (mixed_table(600, classes=3).drop(columns=["customer_id"]), "segment"),
     "pooled-categories": (with_many_shops().drop(columns=["customer_id"]), "segment"),
+    # Integer classes: the label output is INT64 instead of strings.
+    "integer-classes": (
+        mixed_table(600, classes=3)
+        .drop(columns=["customer_id"])
+        .assign(segment=lambda frame: frame["segment"].map({"low": 0, "mid": 1, "high": 2})),
+        "segment",
+    ),
     "breast-cancer-regression": (breast_cancer_table(), "mean area"),
     "mixed-regression": (mixed_table(600, regression=True).drop(columns=["customer_id"]), "spend"),
 }
