@@ -158,6 +158,9 @@ def _one_hot_encoder(scope: Scope, operator: Operator, container: ModelComponent
     """Each string column to its one-hot columns, unseen and infrequent categories to the pooled column
     (or none), exactly as models/compiled.py encodes them."""
     encoder: OneHotEncoder = operator.raw_operator
+    # scikit-learn refuses unseen categories with handle_unknown="error": nothing to reproduce there.
+    if encoder.drop_idx_ is not None or encoder.handle_unknown not in ("ignore", "infrequent_if_exist"):
+        raise NotExportableError("OneHotEncoder with drop or handle_unknown='error'")
     codes, pooled, widths = encoder_columns(encoder)
     if any(MISSING_STRING in column for column in codes):
         raise NotExportableError("the empty string is a category, but it is how an ONNX input says missing")
