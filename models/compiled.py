@@ -3,11 +3,10 @@ evaluated in numpy, from their fitted attributes, with scikit-learn's own formul
 
 Why: a scikit-learn `Pipeline` with a `ColumnTransformer` pays ~5-30 ms per call whatever the rows
 (validation, per-column slicing, DataFrame handling, one tree at a time), which caps a 1-row request near
-200 per second. Here a 1-row call costs ~20-500 µs. Why not ONNX: skl2onnx converts the parts our pipelines
-use wrongly or not at all (../shared/NOTES.md, 2026-12-02): `SimpleImputer(add_indicator=True)` loses its
-indicator columns, `OneHotEncoder(handle_unknown="infrequent_if_exist")` mishandles unseen categories, a
-forest sums in float32, a double-precision forest regressor is refused by onnxruntime and
-HistGradientBoosting does not convert.
+200 per second. Here a 1-row call costs ~20-500 µs. ONNX is the portable artefact for other servers
+(models/onnx_export.py), not this process's scorer: skl2onnx's own converters get the parts our pipelines
+use wrong (../shared/NOTES.md, 2026-12-02), so the ONNX model needs converters of ours for most of them, and
+this scorer was already proven and measured here.
 
 A compiled scorer is used only where `prove` finds it equal to scikit-learn: at training on the held-out
 rows and edge rows (the outcome goes to MLflow and the store metadata), and again wherever it is loaded
@@ -169,7 +168,16 @@ def _categorical(name: str, parts: list[object], where: np.ndarray) -> Categoric
     assert isinstance(encoder, OneHotEncoder)
     if encoder.drop_idx_ is not None or encoder.handle_unknown not in ("ignore", "infrequent_if_exist"):
         raise NotCompilableError(f"'{name}': OneHotEncoder with drop or handle_unknown='error'")
-    infrequent = encoder.infrequent_categories_ if encoder._infrequent_enabled else [None] * len(where)
+    codes, pooled, widths = encoder_columns(encoder)
+    return CategoricalBlock(where, str(imputer.fill_value), codes, pooled, widths)
+
+
+def encoder_columns(encoder: OneHotEncoder) -> tuple[list[dict[str, int]], list[int], list[int]]:
+    """Per input column of a fitted OneHotEncoder (without drop): each category's output column, the
+    pooled column (or -1) that unseen and infrequent categories go to, and the number of output columns."""
+    infrequent = (
+        encoder.infrequent_categories_ if encoder._infrequent_enabled else [None] * len(encoder.categories_)
+    )
     codes, pooled, widths = [], [], []
     for categories, rare in zip(encoder.categories_, infrequent, strict=True):
         rare_set = set() if rare is None else {str(value) for value in rare}
@@ -182,7 +190,7 @@ def _categorical(name: str, parts: list[object], where: np.ndarray) -> Categoric
         codes.append(column)
         pooled.append(pool)
         widths.append(len(frequent) + (1 if rare_set else 0))
-    return CategoricalBlock(where, str(imputer.fill_value), codes, pooled, widths)
+    return codes, pooled, widths
 
 
 @dataclass(frozen=True)
@@ -290,26 +298,55 @@ class Trees:
         return nodes
 
 
+def forest_trees(forest: RandomForestClassifier | RandomForestRegressor) -> list[dict[str, np.ndarray]]:
+    """Each tree's nodes as `Trees.of` takes them, and per node its `value`: the class fractions (or the
+    mean) of its training rows, one column per class (or one)."""
+    return [
+        {
+            "feature": tree.feature,
+            "threshold": tree.threshold,
+            "missing_left": tree.missing_go_to_left,
+            "left": tree.children_left,
+            "right": tree.children_right,
+            "leaf": tree.children_left == -1,
+            "depth": tree.max_depth,
+            "value": tree.value[:, 0, :],
+        }
+        for tree in (estimator.tree_ for estimator in forest.estimators_)
+    ]
+
+
+def boosting_trees(
+    model: HistGradientBoostingClassifier | HistGradientBoostingRegressor,
+) -> list[dict[str, np.ndarray]]:
+    """Each tree's nodes as `Trees.of` takes them, iteration by iteration (`n_trees_per_iteration_` trees
+    each, one per raw score column), and per node its `value` (one column): what a leaf adds to the raw
+    score."""
+    predictors = [predictor for iteration in model._predictors for predictor in iteration]
+    if any(predictor.nodes["is_categorical"].any() for predictor in predictors):
+        raise NotCompilableError("gradient boosting with native categorical splits")
+    return [
+        {
+            "feature": nodes["feature_idx"],
+            "threshold": nodes["num_threshold"],
+            "missing_left": nodes["missing_go_to_left"],
+            "left": nodes["left"].astype(np.intp),
+            "right": nodes["right"].astype(np.intp),
+            "leaf": nodes["is_leaf"].astype(bool),
+            "depth": nodes["depth"].max(),
+            "value": nodes["value"][:, np.newaxis],
+        }
+        for nodes in (predictor.nodes for predictor in predictors)
+    ]
+
+
 def _random_forest(
     forest: RandomForestClassifier | RandomForestRegressor,
 ) -> Callable[[np.ndarray], np.ndarray]:
-    trees = [estimator.tree_ for estimator in forest.estimators_]
-    walk = Trees.of(
-        [
-            {
-                "feature": tree.feature,
-                "threshold": tree.threshold,
-                "missing_left": tree.missing_go_to_left,
-                "left": tree.children_left,
-                "right": tree.children_right,
-                "leaf": tree.children_left == -1,
-                "depth": tree.max_depth,
-            }
-            for tree in trees
-        ]
-    )
+    trees = forest_trees(forest)
+    walk = Trees.of(trees)
     # A tree's value is the class fractions (or the mean) of its leaf's training rows; the forest averages.
-    values = np.concatenate([tree.value[:, 0, :] for tree in trees])
+    values = np.concatenate([tree["value"] for tree in trees])
     classifier = isinstance(forest, RandomForestClassifier)
 
     def score(matrix: np.ndarray) -> np.ndarray:
@@ -324,24 +361,9 @@ def _random_forest(
 def _gradient_boosting(
     model: HistGradientBoostingClassifier | HistGradientBoostingRegressor,
 ) -> Callable[[np.ndarray], np.ndarray]:
-    predictors = [predictor for iteration in model._predictors for predictor in iteration]
-    if any(predictor.nodes["is_categorical"].any() for predictor in predictors):
-        raise NotCompilableError("gradient boosting with native categorical splits")
-    walk = Trees.of(
-        [
-            {
-                "feature": nodes["feature_idx"],
-                "threshold": nodes["num_threshold"],
-                "missing_left": nodes["missing_go_to_left"],
-                "left": nodes["left"].astype(np.intp),
-                "right": nodes["right"].astype(np.intp),
-                "leaf": nodes["is_leaf"].astype(bool),
-                "depth": nodes["depth"].max(),
-            }
-            for nodes in (predictor.nodes for predictor in predictors)
-        ]
-    )
-    values = np.concatenate([predictor.nodes["value"] for predictor in predictors])
+    trees = boosting_trees(model)
+    walk = Trees.of(trees)
+    values = np.concatenate([tree["value"][:, 0] for tree in trees])
     per_iteration, baseline = model.n_trees_per_iteration_, model._baseline_prediction
     classifier = isinstance(model, HistGradientBoostingClassifier)
 
@@ -385,13 +407,27 @@ def edge_rows(schema: FeatureSchema, prepared: pd.DataFrame) -> pd.DataFrame:
     return schema.prepare(edge)
 
 
+def proof_rows(schema: FeatureSchema, prepared: pd.DataFrame) -> pd.DataFrame:
+    """What a scorer is proven on: `prepared` (the held-out rows) and their edge rows."""
+    return pd.concat([prepared, edge_rows(schema, prepared)], ignore_index=True)
+
+
+def disagreement(got: np.ndarray, expected: np.ndarray, classification: bool) -> tuple[float, int]:
+    """The largest difference between two scorers' probabilities (or values), NaN if either has a NaN
+    where the other has not, and how many rows' labels (the most probable class) differ."""
+    if not len(expected):
+        return 0.0, 0
+    difference = float(np.max(np.abs(got - expected)))
+    flips = int(np.sum(got.argmax(axis=1) != expected.argmax(axis=1))) if classification else 0
+    return difference, flips
+
+
 def prove(
     pipeline: Pipeline, schema: FeatureSchema, prepared: pd.DataFrame, classification: bool
 ) -> tuple[CompiledPipeline | None, Outcome]:
     """The compiled scorer if it gives scikit-learn's answers on `prepared` (the held-out rows) and on their
     edge rows: the same labels and probabilities (or values) within TOLERANCE; else None and why not."""
-    frame = pd.concat([prepared, edge_rows(schema, prepared)], ignore_index=True)
-    rows = frame.to_numpy(dtype=object)
+    rows = proof_rows(schema, prepared).to_numpy(dtype=object)
     try:
         compiled = compile_pipeline(pipeline, schema)
     except NotCompilableError as error:
@@ -400,9 +436,8 @@ def prove(
     expected = pipeline.predict_proba(model_input) if classification else pipeline.predict(model_input)
     largest = 0.0
     for path, score in compiled.paths().items():
-        got = score(rows)
-        difference = float(np.max(np.abs(got - expected))) if len(rows) else 0.0
-        if classification and not np.array_equal(got.argmax(axis=1), expected.argmax(axis=1)):
+        difference, flips = disagreement(score(rows), expected, classification)
+        if flips:
             why = f"a label differs from scikit-learn's ({path})"
             return None, Outcome("scikit-learn", why, len(rows), difference)
         if not difference <= TOLERANCE:  # NaN included

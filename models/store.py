@@ -38,6 +38,9 @@ PIPELINE_FILE = "pipeline.joblib"
 SCHEMA_FILE = "feature_schema.json"
 REFERENCE_FILE = "reference.parquet"
 HOLDOUT_FILE = "holdout.parquet"
+# The pipeline as ONNX, for Triton or KServe (models/onnx_export.py): kept only where it was proven equal to
+# scikit-learn at training; the store metadata's `onnx` says whether and why.
+ONNX_FILE = "model.onnx"
 # A model folder's labels and metadata, for a folder outside the store (write_folder, save_folder).
 INFO_FILE = "bentoml_model.json"
 # What a model needs to be served (models saved before their held-out rows were kept have no HOLDOUT_FILE).
@@ -84,16 +87,25 @@ def holdout_set(X: pd.DataFrame, y: pd.Series) -> pd.DataFrame:
 
 
 def write_files(
-    folder: Path, pipeline: Pipeline, schema: FeatureSchema, reference: pd.DataFrame, holdout: pd.DataFrame
+    folder: Path,
+    pipeline: Pipeline,
+    schema: FeatureSchema,
+    reference: pd.DataFrame,
+    holdout: pd.DataFrame,
+    onnx_model: bytes | None = None,
 ) -> dict[str, str]:
-    """Write a model's files into `folder` (the schema with the model's input limits); returns their
-    SHA-256 digests, which `open` checks."""
+    """Write a model's files into `folder` (the schema with the model's input limits, and the ONNX model
+    where there is one); returns their SHA-256 digests, which `open` checks."""
     schema = schema.with_limits(finite_limits(pipeline, schema, reference.head(1)))
     joblib.dump(pipeline, folder / PIPELINE_FILE)
     (folder / SCHEMA_FILE).write_text(schema.model_dump_json(indent=2))
     reference.to_parquet(folder / REFERENCE_FILE, index=False)
     holdout.to_parquet(folder / HOLDOUT_FILE, index=False)
-    return {file: _sha256(folder / file) for file in (*SERVED_FILES, HOLDOUT_FILE)}
+    files = [*SERVED_FILES, HOLDOUT_FILE]
+    if onnx_model is not None:
+        (folder / ONNX_FILE).write_bytes(onnx_model)
+        files.append(ONNX_FILE)
+    return {file: _sha256(folder / file) for file in files}
 
 
 def write_folder(
@@ -104,10 +116,11 @@ def write_folder(
     holdout: pd.DataFrame,
     labels: dict[str, str],
     metadata: dict[str, Any],
+    onnx_model: bytes | None = None,
 ) -> None:
     """A model's files and its description (`INFO_FILE`): everything `save_folder` needs to put it into a
     BentoML store, on this machine or on another one (MLflow keeps the folder with the run)."""
-    digests = write_files(folder, pipeline, schema, reference, holdout)
+    digests = write_files(folder, pipeline, schema, reference, holdout, onnx_model)
     info = {"labels": labels, "metadata": {**metadata, FILE_DIGESTS: digests}}
     (folder / INFO_FILE).write_text(json.dumps(info, indent=2))
 

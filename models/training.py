@@ -52,6 +52,9 @@ from settings import Settings
 MODEL_NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$")
 # The run's record of the scorer proven for the model (models/compiled.py).
 SCORER_RECORD = "scorer.json"
+# The run's record of the ONNX export (models/onnx_export.py), and where the ONNX model goes when proven.
+ONNX_RECORD = "onnx.json"
+ONNX_ARTIFACT = "onnx"
 # A run's dataset inputs: the training table (its source and digest) and the labelled live rows added to it.
 TRAINING_CONTEXT = "training"
 LIVE_CONTEXT = "live"
@@ -230,6 +233,18 @@ def train(options: TrainingOptions, settings: Settings, progress: Callable[[str]
         progress(f"Scorer: {scorer.scorer}: {scorer.reason} ({scorer.rows_checked} held-out and edge rows)")
         mlflow.log_dict(scorer.as_metadata(), SCORER_RECORD)
         mlflow.set_tag("scorer", scorer.scorer)
+        # Imported here: skl2onnx and onnxruntime take over a second to import, and `promote`, which imports
+        # this module for its gate, never converts a model.
+        from models.onnx_export import export as export_onnx  # noqa: PLC0415
+
+        onnx_model, onnx_outcome = export_onnx(model, schema, X_test, task is Task.CLASSIFICATION)
+        progress(f"ONNX: {onnx_outcome.onnx}: {onnx_outcome.reason}")
+        mlflow.log_dict(onnx_outcome.as_metadata(), ONNX_RECORD)
+        mlflow.set_tag("onnx", onnx_outcome.onnx)
+        if onnx_model is not None:
+            with tempfile.TemporaryDirectory() as folder:
+                (Path(folder) / store.ONNX_FILE).write_bytes(onnx_model)
+                mlflow.log_artifact(str(Path(folder) / store.ONNX_FILE), ONNX_ARTIFACT)
         for file_name, figure in plots(model, X_test, parts.y_test, task).items():
             mlflow.log_figure(figure, f"plots/{file_name}")
             plt.close(figure)
@@ -292,6 +307,7 @@ def train(options: TrainingOptions, settings: Settings, progress: Callable[[str]
                         "test_metrics": metrics,
                         "estimator": best,
                         "scorer": scorer.as_metadata(),
+                        "onnx": onnx_outcome.as_metadata(),
                         "dataset_digest": data_digest,
                         "dataset_source": table.source,
                         "holdout_digest": holdout_digest,
@@ -302,6 +318,7 @@ def train(options: TrainingOptions, settings: Settings, progress: Callable[[str]
                         "promotion": decision.reason,
                         "gate": {"metric": metric.name, **gate_figures, "failed": list(decision.failed)},
                     },
+                    onnx_model=onnx_model,
                 )
                 mlflow.log_artifacts(folder, registry.STORE_ARTIFACT)
                 if decision.promote:
@@ -323,6 +340,7 @@ def train(options: TrainingOptions, settings: Settings, progress: Callable[[str]
                 "bento_tag": bento_tag or "-",
                 "trigger": options.trigger or "-",
                 "scorer": scorer.scorer,
+                "onnx": onnx_outcome.onnx,
             }.items():
                 client.set_model_version_tag(name, str(version.version), key, value)
         except BaseException:

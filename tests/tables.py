@@ -36,6 +36,13 @@ def mixed_table(rows: int = 400, classes: int = 2, regression: bool = False, see
     return frame
 
 
+def with_many_shops(rows: int = 1500) -> pd.DataFrame:
+    """mixed_table plus a column of 120 shops, most of them rare: the encoder pools them (max_categories)."""
+    table = mixed_table(rows)
+    rng = np.random.default_rng(1)
+    return table.assign(shop=[f"s{int(v)}" for v in rng.zipf(1.3, rows) % 120])
+
+
 def breast_cancer_table() -> pd.DataFrame:
     """The bundled data as a CSV-ready table."""
     table = load_default()

@@ -32,14 +32,7 @@ from models.compiled import (
     prove,
 )
 from models.schema import FeatureSchema
-from tests.tables import breast_cancer_table, mixed_table
-
-
-def with_many_shops(rows: int = 1500) -> pd.DataFrame:
-    """mixed_table plus a column of 120 shops, most of them rare: the encoder pools them (max_categories)."""
-    table = mixed_table(rows)
-    rng = np.random.default_rng(1)
-    return table.assign(shop=[f"s{int(v)}" for v in rng.zipf(1.3, rows) % 120])
+from tests.tables import breast_cancer_table, mixed_table, with_many_shops
 
 
 def prove_on_breast_cancer() -> tuple[CompiledPipeline | None, Outcome]:

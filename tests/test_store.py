@@ -161,5 +161,11 @@ def test_a_version_is_fetched_into_an_empty_store_from_its_mlflow_run(
     tag, path = result.stdout.split()
     assert Path(path).is_relative_to(tmp_path / "empty-store")
     assert tag != stored.tag  # a new copy in the other store, of the same version
-    for file in ("pipeline.joblib", "feature_schema.json", "reference.parquet", "holdout.parquet"):
+    for file in (
+        "pipeline.joblib",
+        "feature_schema.json",
+        "reference.parquet",
+        "holdout.parquet",
+        "model.onnx",
+    ):
         assert (Path(path) / file).read_bytes() == (stored.path / file).read_bytes(), file
