@@ -151,6 +151,9 @@ class DataPlane:
             "test_metrics": meta["test_metrics"],
             "trained_at": meta["trained_at"],
             "scorer": self.scorer,
+            # The portable ONNX file kept with the model, or why not (models/onnx_export.py); None for a
+            # version saved before ONNX files were made.
+            "onnx": meta.get("onnx"),
             "feature_schema": self.schema.model_dump(mode="json", exclude_none=True),
         }
 

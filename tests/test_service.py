@@ -99,6 +99,8 @@ def test_model_endpoint_describes_the_served_model(server: Server, stored: Store
     assert info["scorer"] == stored.metadata["scorer"]
     assert info["scorer"]["scorer"] == "compiled"
     assert info["scorer"]["reason"] == "equal to scikit-learn within 1e-06"
+    assert info["onnx"] == stored.metadata["onnx"]
+    assert info["onnx"]["onnx"] == "exported"
     metadata = httpx.get(f"{server.url}/v2/models/breast_cancer", timeout=30).json()
     assert (metadata["platform"], metadata["parameters"]["scorer"]) == ("tabserve_compiled", "compiled")
 
