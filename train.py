@@ -83,6 +83,14 @@ def main(
     cv_folds: Annotated[
         int, typer.Option(min=2, max=20, help="Cross-validation folds for candidate selection.")
     ] = 5,
+    estimator: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Only this candidate family (repeatable): logistic_regression, random_forest, "
+            "hist_gradient_boosting (classification); ridge, random_forest, hist_gradient_boosting "
+            "(regression). Default: all, the best by cross-validation wins."
+        ),
+    ] = None,
     if_missing: Annotated[
         bool,
         typer.Option(
@@ -103,6 +111,7 @@ def main(
         seed=seed,
         test_size=test_size,
         cv_folds=cv_folds,
+        estimators=tuple(estimator or ()),
     )
     settings = get_settings()
     try:

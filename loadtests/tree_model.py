@@ -5,9 +5,9 @@ stores of the benchmark's own (never the user's).
 
 The table is examples/customers.csv, the README's example of your own data: 600 rows, 2 numbers, a boolean
 and a category, each with missing values, 3 classes. It is trained as `python train.py --data
-examples/customers.csv --target segment --drop customer_id` trains it, except that HistGradientBoosting is
-the only candidate: the default model is linear (cross-validation picks logistic regression on breast
-cancer), and train.py has no option to choose the estimator.
+examples/customers.csv --target segment --drop customer_id --estimator hist_gradient_boosting` trains it:
+HistGradientBoosting the only candidate, since the default model is linear (cross-validation picks logistic
+regression on breast cancer).
 """
 
 from __future__ import annotations
@@ -17,16 +17,12 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated
-from unittest import mock
 
 import typer
 from bentoml._internal.configuration.containers import BentoMLContainer
 from bentoml._internal.models.model import ModelStore
-from sklearn.pipeline import Pipeline
 
-from models.candidates import candidates
-from models.data import Table, Task, load_table
-from models.schema import FeatureSchema
+from models.data import Table, load_table
 from models.store import StoredModel
 from settings import PROJECT_ROOT, get_settings
 
@@ -79,10 +75,6 @@ def open_model(stores: Path, tag: str) -> StoredModel:
         return StoredModel.open(tag)
 
 
-def _only_the_tree_model(task: Task, schema: FeatureSchema, seed: int) -> dict[str, Pipeline]:
-    return {ESTIMATOR: candidates(task, schema, seed)[ESTIMATOR]}
-
-
 def main(stores: Annotated[Path, typer.Argument(help="folder of the MLflow and BentoML stores")]) -> None:
     """Train the tree model into STORES; print its BentoML tag last."""
     # Imported here: training imports MLflow's logging and plotting, which the benchmark's own process,
@@ -92,9 +84,10 @@ def main(stores: Annotated[Path, typer.Argument(help="folder of the MLflow and B
     settings = get_settings()
     if settings.bentoml_home.resolve() != (stores / "bentoml").resolve():
         raise typer.BadParameter(f"run with the environment of {stores} (tree_model.stores_env)")
-    options = training.TrainingOptions(data=DATA, target=TARGET, name=NAME, drop=DROP)
-    with mock.patch.object(training, "candidates", _only_the_tree_model):
-        result = training.train(options, settings, progress=lambda line: print(line, file=sys.stderr))
+    options = training.TrainingOptions(
+        data=DATA, target=TARGET, name=NAME, drop=DROP, estimators=(ESTIMATOR,)
+    )
+    result = training.train(options, settings, progress=lambda line: print(line, file=sys.stderr))
     if result.bento_tag is None:  # empty stores: the first version is always champion
         raise SystemExit(f"the tree model was not saved to the BentoML store: {result.decision.reason}")
     print(result.bento_tag)

@@ -76,6 +76,8 @@ class TrainingOptions:
     seed: int = 42
     test_size: float = 0.2
     cv_folds: int = 5
+    # Candidate families to cross-validate (models/candidates.py names); empty: all of them.
+    estimators: tuple[str, ...] = ()
     # Retraining (lifecycle/retrain.py): labelled live rows added to the table (its feature columns and
     # target), what set the retrain off, and the digest the table must still have.
     live_rows: pd.DataFrame | None = None
@@ -115,6 +117,17 @@ def model_name(options: TrainingOptions, settings: Settings) -> str:
             "(starting and ending with a letter or digit)"
         )
     return name
+
+
+def chosen_candidates(task: Task, schema: FeatureSchema, options: TrainingOptions) -> dict[str, Pipeline]:
+    """The candidates `options.estimators` names, or all of them."""
+    pipelines = candidates(task, schema, options.seed)
+    unknown = [name for name in options.estimators if name not in pipelines]
+    if unknown:
+        raise InputError(
+            f"no {task.value} estimator {', '.join(map(repr, unknown))}; choose from {', '.join(pipelines)}"
+        )
+    return {name: pipelines[name] for name in options.estimators} if options.estimators else pipelines
 
 
 def resolve_metric(requested: str | None, task: Task) -> Metric:
@@ -172,6 +185,7 @@ def train(options: TrainingOptions, settings: Settings, progress: Callable[[str]
         parts = parts.joined(split(live_table, task, options.test_size, options.seed))
         data_digest = f"{dataset.digest}+{live.digest}"
     schema = FeatureSchema.infer(table.features)
+    pipelines = chosen_candidates(task, schema, options)
     X_train, X_test = schema.prepare(parts.X_train), schema.prepare(parts.X_test)
     progress(
         f"  {len(table.target)} rows, {len(schema.features)} features, {task}; "
@@ -210,7 +224,6 @@ def train(options: TrainingOptions, settings: Settings, progress: Callable[[str]
                 }
             )
 
-        pipelines = candidates(task, schema, options.seed)
         progress(f"Cross-validating {len(pipelines)} candidates ({options.cv_folds} folds, {metric.name})")
         scores = []
         for candidate, pipeline in pipelines.items():

@@ -116,10 +116,13 @@ def test_own_csv_with_text_booleans_and_missing_values(
 def test_continuous_target_trains_a_regression(stores: Stores, tmp_path: Path) -> None:
     path = tmp_path / "spend.parquet"
     mixed_table(rows=300, regression=True).to_parquet(path, index=False)
-    result = run_train(stores, "--data", str(path), "--target", "spend", "--drop", "customer_id")
+    args = ("--data", str(path), "--target", "spend", "--drop", "customer_id", "--estimator", "ridge")
+    result = run_train(stores, *args)
     assert_ok(result)
+    assert "Cross-validating 1 candidates" in result.stderr  # progress lines go to stderr
     stored = StoredModel.open("spend:latest")  # the name defaults to the file's name
     assert stored.task == "regression"
+    assert stored.metadata["estimator"] == "ridge"
     assert set(stored.metadata["test_metrics"]) == {"rmse", "mae", "r2"}
     assert stored.metadata["test_metrics"]["r2"] > 0.5
     run = stores.client().get_run(stored.labels["mlflow_run_id"])
@@ -291,6 +294,13 @@ def test_bad_input_fails_in_one_line_and_writes_nothing(stores: Stores, tmp_path
         path.write_bytes(content)
     name = "bad-" + case.replace(" ", "-")
     result = run_train(stores, "--data", str(path), "--target", target, "--name", name)
+    assert_refused(stores, result, name, message)
+
+
+def test_an_unknown_estimator_fails_in_one_line_and_writes_nothing(stores: Stores) -> None:
+    name = "bad-estimator"
+    result = run_train(stores, "--name", name, "--estimator", "random_forest", "--estimator", "svm")
+    message = "no classification estimator 'svm'; choose from logistic_regression, random_forest"
     assert_refused(stores, result, name, message)
 
 
