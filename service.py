@@ -34,6 +34,7 @@ from pydantic import BaseModel, Field
 from drift.summary import read_latest, read_latest_performance
 from models.errors import InputError
 from models.registry import CHAMPION, registry_client, served_model
+from models.schema import RecordValues
 from models.store import StoredModel
 from serving import oip_rest
 from serving.answered import AnsweredIndex
@@ -432,15 +433,23 @@ class Tabserve:
         body = record if isinstance(record, InvalidBody) else [record]
         return await self._predict(body, "/predict", ctx, one_record=True)  # type: ignore[return-value]
 
-    @bentoml.api(route="/predict_batch", input_spec=json_body(Records, "Records"))
+    @bentoml.api(
+        route="/predict_batch",
+        input_spec=json_body(Records, "Records", champion.schema.records_parser(settings.max_batch_records)),
+    )
     async def predict_batch(
-        self, records: Records | InvalidBody, /, ctx: bentoml.Context
+        self, records: Records | RecordValues | InvalidBody, /, ctx: bentoml.Context
     ) -> list[Prediction]:
         """A JSON list of records; one answer per record, in order."""
         return await self._predict(records, "/predict_batch", ctx, one_record=False)  # type: ignore[return-value]
 
     async def _predict(
-        self, records: list[Any] | InvalidBody, endpoint: str, ctx: bentoml.Context, *, one_record: bool
+        self,
+        records: list[Any] | RecordValues | InvalidBody,
+        endpoint: str,
+        ctx: bentoml.Context,
+        *,
+        one_record: bool,
     ) -> Response:
         response = await self._answer(records, endpoint, ctx.request.headers.get("x-request-id"), one_record)
         # BentoML gives a method that takes the context the context's status, not its response's.
@@ -448,7 +457,11 @@ class Tabserve:
         return response
 
     async def _answer(
-        self, records: list[Any] | InvalidBody, endpoint: str, request_id: str | None, one_record: bool
+        self,
+        records: list[Any] | RecordValues | InvalidBody,
+        endpoint: str,
+        request_id: str | None,
+        one_record: bool,
     ) -> Response:
         if isinstance(records, InvalidBody):
             return records.response()

@@ -8,11 +8,14 @@ generated from it, so validation rules live here and nowhere else.
 from __future__ import annotations
 
 import keyword
+import operator
 import re
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 import numpy as np
+import orjson
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictStr, create_model
 
@@ -128,6 +131,82 @@ class FeatureSchema(BaseModel):
             **fields,
         )
 
+    def records_parser(self, max_records: int) -> RecordsParser:
+        """A fast parser of a JSON list of records, for what `request_model` would accept as a list."""
+        return RecordsParser(self, max_records)
+
+
+@dataclass(frozen=True)
+class RecordValues:
+    """Records as parsed by `RecordsParser`: each record's values in the order of `names` (None: missing)."""
+
+    names: list[str]
+    rows: list[tuple[Any, ...]]
+
+
+class RecordsParser:
+    """Parses a JSON list of 1 to `max_records` records into `RecordValues`, accepting exactly what the
+    request model accepts as such a list, in half the time: 1,000 breast-cancer records to rows in 1.9 ms
+    against 4.4 ms for pydantic's model instances and the values read back from them, which were the largest
+    cost of a /predict_batch request (`make profile TRANSPORT=http ROWS=1000`). It only ever says yes or
+    "not sure": any body it does not recognise as valid (bad JSON, a wrong type, an unknown or missing
+    field, a value a number cannot hold) gives None, and the caller lets the request model validate it and
+    name what is wrong. tests/test_schema.py checks both agree, on generated bodies.
+
+    The request model's rules, as checked here: every record an object whose keys are column names (no
+    others), all non-nullable ones present; numbers are JSON integers or floats (not booleans; finite:
+    orjson refuses NaN and infinities, as the request model does), booleans JSON booleans, categories JSON
+    strings; null (or a missing key) only for nullable columns.
+    """
+
+    def __init__(self, schema: FeatureSchema, max_records: int) -> None:
+        self.names = schema.names
+        self.max_records = max_records
+        self._known = frozenset(self.names)
+        self._required = frozenset(f.name for f in schema.features if not f.nullable)
+        self._values = operator.itemgetter(*self.names)
+        self._allowed = [
+            _JSON_TYPES[f.kind] | ({type(None)} if f.nullable else set()) for f in schema.features
+        ]
+        self._numeric = [i for i, f in enumerate(schema.features) if f.kind is FeatureKind.NUMERIC]
+
+    def __call__(self, body: bytes) -> RecordValues | None:
+        try:
+            records = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return None
+        if type(records) is not list or not 1 <= len(records) <= self.max_records:
+            return None
+        count = len(self.names)
+        rows: list[tuple[Any, ...]] = []
+        for record in records:
+            if type(record) is not dict:
+                return None
+            keys = record.keys()
+            if len(record) == count and keys == self._known:
+                values = self._values(record)
+            elif self._known >= keys >= self._required:
+                values = tuple(record.get(name) for name in self.names)
+            else:
+                return None
+            rows.append(values if count > 1 else (values,))
+        columns = list(zip(*rows, strict=True))
+        for column, allowed in zip(columns, self._allowed, strict=True):
+            if not set(map(type, column)) <= allowed:
+                return None
+        if self._numeric and len(self._numeric) < count:  # numbers as floats, as the request model gives them
+            for index in self._numeric:
+                columns[index] = tuple(None if value is None else float(value) for value in columns[index])
+            rows = list(zip(*columns, strict=True))
+        return RecordValues(self.names, rows)
+
+
+# What JSON gives for each kind of feature, as the request model's strict types take them.
+_JSON_TYPES: dict[FeatureKind, set[type]] = {
+    FeatureKind.NUMERIC: {int, float},
+    FeatureKind.BOOLEAN: {bool},
+    FeatureKind.CATEGORICAL: {str},
+}
 
 _FIELD_TYPES: dict[FeatureKind, Any] = {
     FeatureKind.NUMERIC: StrictFloat,

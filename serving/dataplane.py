@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel
 
-from models.schema import MAX_STORED_CATEGORIES, Feature, FeatureKind, field_names
+from models.schema import MAX_STORED_CATEGORIES, Feature, FeatureKind, RecordValues, field_names
 from models.store import StoredModel
 from serving.answered import AnsweredIndex
 from serving.arrowlog import AnsweredRequest, ArrowLog, LogColumns
@@ -185,12 +185,22 @@ class DataPlane:
 
     # ---- inputs -----------------------------------------------------------------------------------------
 
-    def rows_from_records(self, records: Sequence[BaseModel], in_a_list: bool = True) -> np.ndarray:
-        """Records already validated by the schema's request model (the HTTP APIs' input spec). Errors name
-        a record of a list by its index, from 0, as the request model's errors do."""
-        values = self._record_values  # all of a record's fields in one call, in schema order
-        rows: np.ndarray = np.array([values(record) for record in records], dtype=self._row_dtype)
-        rows = rows.reshape(len(records), -1)  # with one feature, attrgetter gives values, not tuples
+    def rows_from_records(
+        self, records: Sequence[BaseModel] | RecordValues, in_a_list: bool = True
+    ) -> np.ndarray:
+        """Records already validated by the schema's request model (the HTTP APIs' input spec), or their
+        values as its fast parser read them (models/schema.py RecordsParser). Errors name a record of a list
+        by its index, from 0, as the request model's errors do."""
+        if isinstance(records, RecordValues):
+            values = records.rows
+            if records.names != self.feature_names:  # a version whose columns are in another order
+                order = [records.names.index(name) for name in self.feature_names]
+                values = [tuple(row[i] for i in order) for row in values]
+        else:
+            read = self._record_values  # all of a record's fields in one call, in schema order
+            values = [read(record) for record in records]
+        rows: np.ndarray = np.array(values, dtype=self._row_dtype)
+        rows = rows.reshape(len(values), -1)  # with one feature, attrgetter gives values, not tuples
         self._check_limits(
             rows, (lambda index, text: f"record {index}, {text}") if in_a_list else _unnumbered
         )
