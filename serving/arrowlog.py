@@ -40,7 +40,6 @@ import contextlib
 import logging
 import os
 import queue
-import socket
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -187,8 +186,7 @@ class ArrowLog(CountedDrops):
         on_drop: Callable[[int], None] | None = None,
         stem: str = "predictions",
     ) -> None:
-        super().__init__(on_drop)
-        self.path = directory / f"{stem}-{socket.gethostname()}-{os.getpid()}{SUFFIX}"
+        super().__init__(directory, stem, SUFFIX, on_drop)
         self._max_bytes, self._backups = max_bytes, backups
         self._file: IO[bytes] | None = None
         self._writer: pa.ipc.RecordBatchStreamWriter | None = None

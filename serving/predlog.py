@@ -104,9 +104,11 @@ class _DrainingListener(logging.handlers.QueueListener):
 class CountedDrops:
     """A log that never fails its caller: what it cannot write is dropped, counted, and warned about once."""
 
-    path: Path  # the live file, named in the warning
-
-    def __init__(self, on_drop: Callable[[int], None] | None) -> None:
+    def __init__(
+        self, directory: Path, stem: str, suffix: str, on_drop: Callable[[int], None] | None
+    ) -> None:
+        # One file per worker process, the host name keeping the files of replicas apart on a shared volume.
+        self.path = directory / f"{stem}-{socket.gethostname()}-{os.getpid()}{suffix}"
         self.dropped = 0
         self._on_drop_metric = on_drop
         self._warned = False
@@ -132,12 +134,11 @@ class JsonLinesLog(CountedDrops):
         on_drop: Callable[[int], None] | None = None,
         stem: str = "feedback",
     ) -> None:
-        super().__init__(on_drop)
+        super().__init__(directory, stem, ".jsonl", on_drop)
         self._listener: _DrainingListener | None = None
         self._logger = logging.getLogger(f"tabserve.{stem}.{id(self)}")
         self._logger.propagate = False
         self._logger.setLevel(logging.INFO)
-        self.path = directory / f"{stem}-{socket.gethostname()}-{os.getpid()}.jsonl"
         try:
             directory.mkdir(parents=True, exist_ok=True)
             if not os.access(directory, os.W_OK):

@@ -30,6 +30,7 @@ from tests.conftest import (
     free_port,
     logged_rows,
     start_server,
+    wait_ready,
 )
 
 
@@ -122,6 +123,43 @@ BAD_RECORDS = {
         "Field required",
     ),
 }
+
+
+def test_with_the_compiled_scorer_off_scikit_learn_serves_the_same_answers(
+    stores: Stores, server: Server, records: list[dict[str, float]], tmp_path: Path
+) -> None:
+    """The fallback serves for real: what a model that cannot be proven equal gets, and what
+    TABSERVE_COMPILED_SCORER=false chooses."""
+    home = tmp_path / "bentoml-home"  # a home of its own: `bentoml serve` empties its Prometheus folder
+    home.mkdir()
+    (home / "models").symlink_to(stores.bentoml_home / "models", target_is_directory=True)
+    env = stores.env(
+        BENTOML_HOME=str(home),
+        TABSERVE_COMPILED_SCORER="false",
+        TABSERVE_GRPC_PORT="0",
+        TABSERVE_PREDICTION_LOG_DIR=str(tmp_path / "log"),
+        TABSERVE_FEEDBACK_LOG_DIR=str(tmp_path / "feedback"),
+    )
+    port, output = free_port(), tmp_path / "out.txt"
+    process = start_server(env, port, output)
+    plain = Server(f"http://127.0.0.1:{port}", "", tmp_path / "log", tmp_path / "feedback", process, output)
+    try:
+        wait_ready(process, plain.url, output)
+        scorer = httpx.get(f"{plain.url}/model", timeout=30).json()["scorer"]
+        assert (scorer["scorer"], scorer["reason"]) == (
+            "scikit-learn",
+            "turned off (TABSERVE_COMPILED_SCORER=false)",
+        )
+        assert scorer["at_training"]["scorer"] == "compiled"  # what training proved, kept beside
+        by_scikit_learn = post(plain, "/predict_batch", records).json()
+        compiled = post(server, "/predict_batch", records).json()
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+    assert [a["prediction"] for a in by_scikit_learn] == [a["prediction"] for a in compiled]
+    for one, other in zip(by_scikit_learn, compiled, strict=True):
+        for label, probability in one["probabilities"].items():
+            assert probability == pytest.approx(other["probabilities"][label], abs=1e-9)
 
 
 @pytest.mark.parametrize("case", BAD_RECORDS)
