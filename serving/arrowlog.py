@@ -264,7 +264,7 @@ class ArrowLog(CountedDrops):
             writer.write_batch(batch)
             assert self._file is not None
             self._file.flush()
-        except OSError as exc:
+        except (OSError, pa.ArrowException) as exc:  # a disk full or gone; the thread goes on
             logger.debug("prediction log write failed: %s", exc)
             self._drop(rows)
             self._abandon_file()  # the file may end in a cut batch: nothing is written after it
