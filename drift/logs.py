@@ -25,6 +25,7 @@ The rules (docs/drift.md states them for users):
 
 from __future__ import annotations
 
+import os
 import random
 import re
 from collections import Counter
@@ -295,7 +296,8 @@ def batch_rows(handle: IO[bytes], target: LogTarget, window: Window, stats: LogS
     try:
         reader = pa.ipc.open_stream(handle)
     except (pa.ArrowInvalid, OSError):  # cut before its first batch, or not a stream at all
-        stats.partial += 1
+        if os.fstat(handle.fileno()).st_size:  # an empty file is one the disk had no room to start
+            stats.partial += 1
         return
     while True:
         try:

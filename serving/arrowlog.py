@@ -8,15 +8,16 @@ replicas apart on a shared volume.
 Why columns and not JSON lines: a 1,000-row request's JSON lines cost 8-14 ms to build, a third to half of
 the server's CPU for that request. Here the request path only queues what it already holds (the validated
 rows and the answer); a background thread turns every request waiting into one record batch (a few numpy
-and Arrow calls per column, not per row), writes it and flushes it, so a slow disk never blocks a request
+and Arrow calls per column, not per row) and adds it to the file whole, so a slow disk never blocks a request
 and a reader only ever sees whole batches. A failing disk never fails a request: its rows are dropped,
 counted and warned about once. The drift and performance readers (drift/logs.py) take the columns directly,
 and still read the JSON-lines files that earlier versions wrote.
 
-Why the IPC *stream* format: it has no footer, so a file cut short by a crash or a full disk keeps every
-batch before the cut (readers count the cut batch as partly written). A file never continues after a
-failed write: the next batch starts a new file. A file holds one schema, the served version's features and
-classes; a version with other features or classes starts a new file.
+Why the IPC *stream* format: it has no footer, so a file cut short keeps every batch before the cut. A
+write that fails part way (a full disk) is cut back to the last whole batch, and the next batch starts a new
+file; only a crash in the middle of a write can leave half a batch, which readers skip and count. A file
+holds one schema, the served version's features and classes; a version with other features or classes
+starts a new file.
 
 Columns, one row per answered row:
     ts                  timestamp[us, UTC]  when the request was answered
@@ -44,7 +45,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -188,7 +189,9 @@ class ArrowLog(CountedDrops):
     ) -> None:
         super().__init__(directory, stem, SUFFIX, on_drop)
         self._max_bytes, self._backups = max_bytes, backups
-        self._file: IO[bytes] | None = None
+        self._fd: int | None = None  # the live file, written with os.write (see _append)
+        self._size = 0  # bytes in it: whole batches
+        self._pending = _Pending()
         self._writer: pa.ipc.RecordBatchStreamWriter | None = None
         self._schema: pa.Schema | None = None
         self._queue: queue.SimpleQueue[AnsweredRequest | None] = queue.SimpleQueue()
@@ -260,38 +263,48 @@ class ArrowLog(CountedDrops):
             self._drop(rows)
             return
         try:
-            writer = self._writer_for(batch.schema)
-            writer.write_batch(batch)
-            assert self._file is not None
-            self._file.flush()
+            self._writer_for(batch.schema).write_batch(batch)
+            self._append(self._pending.take())
         except (OSError, pa.ArrowException) as exc:  # a disk full or gone; the thread goes on
             logger.debug("prediction log write failed: %s", exc)
             self._drop(rows)
-            self._abandon_file()  # the file may end in a cut batch: nothing is written after it
+            self._abandon_file()  # whole batches only: the next one starts a new file
 
     def _writer_for(self, schema: pa.Schema) -> pa.ipc.RecordBatchStreamWriter:
         if self._writer is not None and (
-            schema != self._schema or self._file_is_full() or self._file_was_removed()
+            schema != self._schema or self._size >= self._max_bytes or self._file_was_removed()
         ):
             self._close_file()  # the next file is started below, the full one rotated away
         if self._writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if self.path.exists() and self.path.stat().st_size > 0:
                 self._rotate()  # a stream is never continued: an earlier process's file, or another schema's
-            self._file = self.path.open("wb")
-            self._writer = pa.ipc.new_stream(self._file, schema)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._size = 0
+            self._pending = _Pending()
+            self._writer = pa.ipc.new_stream(self._pending, schema)
             self._schema = schema
         return self._writer
 
-    def _file_is_full(self) -> bool:
-        assert self._file is not None
-        return self._file.tell() >= self._max_bytes
+    def _append(self, data: bytes) -> None:
+        """Add a batch's messages to the file whole, or nothing of them: a write that fails part way (a full
+        disk) is cut back off, so that a reader never meets half a batch."""
+        assert self._fd is not None
+        view, written = memoryview(data), 0
+        try:
+            while written < len(view):
+                written += os.write(self._fd, view[written:])
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self._size)
+            raise
+        self._size += written
 
     def _file_was_removed(self) -> bool:
         """A file removed while open (or its whole directory) takes every later write and keeps none of it.
         One stat per batch."""
-        assert self._file is not None
-        opened = os.fstat(self._file.fileno())
+        assert self._fd is not None
+        opened = os.fstat(self._fd)
         try:
             current = self.path.stat()
         except FileNotFoundError:
@@ -313,18 +326,41 @@ class ArrowLog(CountedDrops):
         self.path.replace(self.path.with_name(f"{self.path.name}.1"))
 
     def _close_file(self) -> None:
-        try:
-            if self._writer is not None:
-                self._writer.close()  # the end-of-stream marker
-            if self._file is not None:
-                self._file.close()
-        except OSError:
-            self._file = None  # nothing more can be written to it; what was flushed stays readable
-        finally:
-            self._abandon_file()
+        if self._writer is not None:
+            with contextlib.suppress(OSError, pa.ArrowException):
+                self._writer.close()  # the end-of-stream marker, when the disk takes it
+                self._append(self._pending.take())
+        self._abandon_file()
 
     def _abandon_file(self) -> None:
-        if self._file is not None:
+        if self._fd is not None:
             with contextlib.suppress(OSError):
-                self._file.close()
-        self._file, self._writer, self._schema = None, None, None
+                os.close(self._fd)
+        self._fd, self._writer, self._schema = None, None, None
+
+
+class _Pending:
+    """Where the Arrow stream writer writes: its bytes are held here until `ArrowLog._append` adds a whole
+    batch's worth to the file."""
+
+    closed = False
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+        self._position = 0
+
+    def write(self, data: Any) -> int:
+        self._parts.append(bytes(data))
+        self._position += len(self._parts[-1])
+        return len(self._parts[-1])
+
+    def tell(self) -> int:
+        return self._position
+
+    def flush(self) -> None:
+        pass
+
+    def take(self) -> bytes:
+        data = b"".join(self._parts)
+        self._parts.clear()
+        return data

@@ -16,14 +16,15 @@ import orjson
 import pyarrow as pa
 import pytest
 
-from drift.logs import find_log_files, log_records
-from models.schema import Feature, FeatureKind
+from drift.logs import LogTarget, Window, find_log_files, log_records, read_log
+from models.schema import Feature, FeatureKind, FeatureSchema
 from serving.arrowlog import AnsweredRequest, ArrowLog, LogColumns
 from serving.predlog import JsonLinesLog
 
 FEATURES = [Feature(name="x", kind=FeatureKind.NUMERIC, dtype="float64", nullable=False)]
 LINEAGE = {"model": "m", "version": "v1", "registered_version": "1", "mlflow_run_id": "r", "data_digest": "d"}
 COLUMNS = LogColumns(FEATURES, ["no", "yes"], LINEAGE)
+SCHEMA = FeatureSchema(features=FEATURES)
 
 
 def answered(first: int, rows: int, columns: LogColumns = COLUMNS) -> AnsweredRequest:
@@ -181,3 +182,20 @@ def test_a_batch_is_the_documented_columns(tmp_path: Path) -> None:
     assert second["probabilities"] == {"no": 0.25, "yes": 0.75}
     assert second["unknown_categories"] == [("city", "rome")]
     assert {key: second[key] for key in LINEAGE} == LINEAGE
+
+
+def test_a_full_disk_keeps_whole_batches_and_counts_the_rest(full_disk: Path) -> None:
+    log = ArrowLog(full_disk, max_bytes=1_000_000, backups=2)
+    for first in range(0, 20_000, 100):  # about 2 MB of rows for 64 KiB
+        log.write(answered(first, 100))
+        time.sleep(0.001)
+    log.close()
+    assert log.dropped > 0
+    files = find_log_files(full_disk)
+    sample = read_log(
+        files, LogTarget(model="m", version="v1", schema=SCHEMA, classes=["no", "yes"]), Window(), 10**6
+    )
+    # Every row is on disk, whole, or counted as dropped; no batch was left half written.
+    assert (sample.stats.partial, sample.stats.corrupt) == (0, 0)
+    assert sample.stats.seen + log.dropped == 20_000
+    assert sample.stats.seen > 0
