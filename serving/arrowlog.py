@@ -196,12 +196,7 @@ class ArrowLog(CountedDrops):
         self._schema: pa.Schema | None = None
         self._queue: queue.SimpleQueue[AnsweredRequest | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            if not os.access(directory, os.W_OK):
-                raise PermissionError(f"no write permission on {directory}")
-        except OSError as exc:
-            self._warn(f"{stem} log disabled, records will be dropped and counted: {exc}")
+        if not self._writable:
             return
         self._thread = threading.Thread(target=self._run, name=f"tabserve-{stem}-log", daemon=True)
         self._thread.start()

@@ -112,6 +112,18 @@ class CountedDrops:
         self.dropped = 0
         self._on_drop_metric = on_drop
         self._warned = False
+        self._writable = self._make_directory(directory, stem)
+
+    def _make_directory(self, directory: Path, stem: str) -> bool:
+        """The log's folder, made where missing; False, with the one warning, where nothing can be written."""
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            if not os.access(directory, os.W_OK):
+                raise PermissionError(f"no write permission on {directory}")
+        except OSError as exc:
+            self._warn(f"{stem} log disabled, records will be dropped and counted: {exc}")
+            return False
+        return True
 
     def _drop(self, count: int) -> None:
         self.dropped += count
@@ -139,14 +151,9 @@ class JsonLinesLog(CountedDrops):
         self._logger = logging.getLogger(f"tabserve.{stem}.{id(self)}")
         self._logger.propagate = False
         self._logger.setLevel(logging.INFO)
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            if not os.access(directory, os.W_OK):
-                raise PermissionError(f"no write permission on {directory}")
-            handler = _CountingFileHandler(self.path, max_bytes, backups, self._drop)
-        except OSError as exc:
-            self._warn(f"{stem} log disabled, records will be dropped and counted: {exc}")
+        if not self._writable:
             return
+        handler = _CountingFileHandler(self.path, max_bytes, backups, self._drop)
         records: queue.SimpleQueue[logging.LogRecord | None] = queue.SimpleQueue()
         self._logger.addHandler(logging.handlers.QueueHandler(records))
         self._listener = _DrainingListener(records, handler)
