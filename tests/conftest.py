@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 import pytest
@@ -53,6 +53,14 @@ class Stores:
 
     def client(self) -> MlflowClient:
         return MlflowClient(self.tracking_uri)
+
+    def server_home(self, folder: Path) -> Path:
+        """A BentoML home of its own for one `bentoml serve`, linked to these stores' models: `bentoml serve`
+        empties its home's Prometheus folder when it starts, so servers sharing a home would wipe each
+        other's metrics."""
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "models").symlink_to(self.bentoml_home / "models", target_is_directory=True)
+        return folder
 
 
 @pytest.fixture(scope="session")
@@ -174,7 +182,7 @@ def full_disk(tmp_path: Path) -> Iterator[Path]:
         check=False,
     )
     if mounted.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+        unavailable(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
     try:
         yield folder
     finally:
@@ -221,8 +229,7 @@ def server(
 ) -> Iterator[Server]:
     """One real `bentoml serve` (HTTP + OIP REST + gRPC) on free loopback ports for the session.
 
-    In a BentoML home of its own, linked to the session's model store: `bentoml serve` empties its home's
-    Prometheus folder when it starts, so another test's server in the same home would wipe its metrics."""
+    In a BentoML home of its own (Stores.server_home)."""
     port, grpc_port = free_port(), free_port()
     log_dir = tmp_path_factory.mktemp("prediction-log")
     feedback_dir = tmp_path_factory.mktemp("feedback-log")
@@ -231,8 +238,7 @@ def server(
     write_json(
         reports_dir / "breast_cancer" / PERFORMANCE_FILE, asdict(LATEST_PERFORMANCE)
     )  # and `performance`
-    home = tmp_path_factory.mktemp("server-bentoml-home")
-    (home / "models").symlink_to(stores.bentoml_home / "models", target_is_directory=True)
+    home = stores.server_home(tmp_path_factory.mktemp("server-bentoml-home"))
     env = stores.env(
         BENTOML_HOME=str(home),
         TABSERVE_GRPC_HOST="127.0.0.1",
@@ -269,11 +275,16 @@ def require_tool(name: str) -> str:
     """A tool from the system's packages: skipped where missing, unless CI says deploy checks must run."""
     path = shutil.which(name)
     if path is None:
-        message = f"{name} is not installed ({TOOL_SOURCES[name]})"
-        if os.environ.get("DEPLOY_CHECKS_REQUIRED") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(f"{name} is not installed ({TOOL_SOURCES[name]})")
     return path
+
+
+def unavailable(message: str) -> NoReturn:
+    """What a test needs from the machine is missing: skipped, unless CI says these checks must run
+    (DEPLOY_CHECKS_REQUIRED=1), where it fails."""
+    if os.environ.get("DEPLOY_CHECKS_REQUIRED") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 class Receiver:

@@ -19,9 +19,7 @@ ROWS = 50  # per request
 def test_a_full_log_disk_keeps_serving_counts_the_drops_and_keeps_the_log_whole(
     stores: Stores, default_model: object, full_disk: Path, tmp_path: Path
 ) -> None:
-    home = tmp_path / "bentoml-home"  # a home of its own: `bentoml serve` empties its Prometheus folder
-    home.mkdir()
-    (home / "models").symlink_to(stores.bentoml_home / "models", target_is_directory=True)
+    home = stores.server_home(tmp_path / "bentoml-home")
     env = stores.env(
         BENTOML_HOME=str(home),
         TABSERVE_GRPC_PORT="0",

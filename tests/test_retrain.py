@@ -132,9 +132,7 @@ def loop(stores: Stores, tmp_path_factory: pytest.TempPathFactory) -> Iterator[L
     original = root / "original.csv"
     table.iloc[:ORIGINAL_ROWS].to_csv(original, index=False)
     assert_ok(run_train(stores, "--data", str(original), "--target", "diagnosis", "--name", NAME))
-    home = root / "server-home"
-    home.mkdir()
-    (home / "models").symlink_to(stores.bentoml_home / "models", target_is_directory=True)
+    home = stores.server_home(root / "server-home")
     env = stores.env(
         TABSERVE_MODEL_NAME=NAME,
         TABSERVE_GRPC_PORT="0",

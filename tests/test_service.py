@@ -130,9 +130,7 @@ def test_with_the_compiled_scorer_off_scikit_learn_serves_the_same_answers(
 ) -> None:
     """The fallback serves for real: what a model that cannot be proven equal gets, and what
     TABSERVE_COMPILED_SCORER=false chooses."""
-    home = tmp_path / "bentoml-home"  # a home of its own: `bentoml serve` empties its Prometheus folder
-    home.mkdir()
-    (home / "models").symlink_to(stores.bentoml_home / "models", target_is_directory=True)
+    home = stores.server_home(tmp_path / "bentoml-home")
     env = stores.env(
         BENTOML_HOME=str(home),
         TABSERVE_COMPILED_SCORER="false",
