@@ -90,15 +90,7 @@ def _numeric_imputer(scope: Scope, operator: Operator, container: ModelComponent
         raise NotExportableError(
             f"SimpleImputer(strategy={imputer.strategy!r}) or a column empty at training (dropped by it)"
         )
-    values = concatenate_variables(scope, operator.inputs, container)
-    missing = scope.get_unique_variable_name("missing")
-    container.add_node("IsNaN", [values], [missing])
-    statistics = scope.get_unique_variable_name("statistics")
-    container.add_initializer(
-        statistics, TensorProto.DOUBLE, [len(imputer.statistics_)], imputer.statistics_.tolist()
-    )
-    imputed = scope.get_unique_variable_name("imputed")
-    container.add_node("Where", [missing, statistics, values], [imputed])
+    missing, imputed = impute_numbers(scope, operator, container)
     if not imputer.add_indicator:
         container.add_node("Identity", [imputed], [operator.outputs[0].full_name])
         return
@@ -113,6 +105,22 @@ def _numeric_imputer(scope: Scope, operator: Operator, container: ModelComponent
     indicators = scope.get_unique_variable_name("indicators")
     container.add_node("Cast", [flags], [indicators], to=TensorProto.DOUBLE)
     container.add_node("Concat", [imputed, indicators], [operator.outputs[0].full_name], axis=1)
+
+
+def impute_numbers(scope: Scope, operator: Operator, container: ModelComponentContainer) -> tuple[str, str]:
+    """The nodes that replace NaN with the imputer's statistics; the names of the missing-value mask and of
+    the imputed values."""
+    imputer: SimpleImputer = operator.raw_operator
+    values = concatenate_variables(scope, operator.inputs, container)
+    missing = scope.get_unique_variable_name("missing")
+    container.add_node("IsNaN", [values], [missing])
+    statistics = scope.get_unique_variable_name("statistics")
+    container.add_initializer(
+        statistics, TensorProto.DOUBLE, [len(imputer.statistics_)], imputer.statistics_.tolist()
+    )
+    imputed = scope.get_unique_variable_name("imputed")
+    container.add_node("Where", [missing, statistics, values], [imputed])
+    return missing, imputed
 
 
 def _category_imputer(scope: Scope, operator: Operator, container: ModelComponentContainer) -> None:

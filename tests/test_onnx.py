@@ -17,7 +17,6 @@ from onnx import TensorProto
 from skl2onnx.common._container import ModelComponentContainer
 from skl2onnx.common._topology import Operator, Scope
 from skl2onnx.common.data_types import StringTensorType
-from skl2onnx.operator_converters.common import concatenate_variables
 from sklearn.impute import SimpleImputer
 from sklearn.pipeline import Pipeline
 
@@ -31,6 +30,7 @@ from models.onnx_export import (
     OnnxOutcome,
     export,
     feed,
+    impute_numbers,
     predict,
     session,
 )
@@ -133,15 +133,7 @@ def imputer_losing_its_indicators(
     if isinstance(operator.inputs[0].type, StringTensorType):  # categories: the right converter
         CONVERTERS[SimpleImputer][0](scope, operator, container)
         return
-    values = concatenate_variables(scope, operator.inputs, container)
-    missing = scope.get_unique_variable_name("missing")
-    container.add_node("IsNaN", [values], [missing])
-    statistics = scope.get_unique_variable_name("statistics")
-    container.add_initializer(
-        statistics, TensorProto.DOUBLE, [len(imputer.statistics_)], imputer.statistics_.tolist()
-    )
-    imputed = scope.get_unique_variable_name("imputed")
-    container.add_node("Where", [missing, statistics, values], [imputed])
+    missing, imputed = impute_numbers(scope, operator, container)
     zeros = scope.get_unique_variable_name("zeros")
     container.add_initializer(
         zeros,
