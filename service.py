@@ -39,6 +39,7 @@ from models.store import StoredModel
 from serving import oip_rest
 from serving.answered import AnsweredIndex
 from serving.arrowlog import ArrowLog
+from serving.auth import KeyFileError, current_caller, gate_from
 from serving.coalesce import Coalescer, WaitTimeoutError
 from serving.dataplane import DataPlane, ModelCall
 from serving.errors import ServingError, UnavailableError
@@ -50,6 +51,7 @@ from serving.model import InProcessModel, RowPredictor, VersionedPredictors, pla
 from serving.oip.grpc_server import GrpcServer, check_port_free, start_grpc_server
 from serving.predlog import JsonLinesLog
 from serving.rest import (
+    HttpAuth,
     HttpLimits,
     InvalidBody,
     document_refusals,
@@ -73,6 +75,19 @@ try:
     champion, follow_champion = served_model(settings)
 except InputError as exc:
     raise SystemExit(f"error: {exc}") from None
+
+try:
+    # None with auth off. One per worker process: its record of failed keys is that process's.
+    gate = gate_from(
+        settings.auth_keys_file,
+        reload_seconds=settings.auth_reload_seconds,
+        max_failures=settings.auth_max_failures,
+        block_seconds=settings.auth_block_seconds,
+        auth_metrics=settings.auth_metrics,
+        auth_docs=settings.auth_docs,
+    )
+except KeyFileError as exc:
+    raise SystemExit(f"error: TABSERVE_AUTH_KEYS_FILE: {exc}") from None
 
 Record = champion.schema.request_model(title="Record")
 Records = Annotated[list[Record], Field(min_length=1, max_length=settings.max_batch_records)]  # type: ignore[valid-type]
@@ -360,7 +375,9 @@ class Tabserve:
     @bentoml.on_startup
     async def start_grpc(self) -> None:
         if settings.grpc_port:
-            self.grpc = await start_grpc_server(lambda: self.plane, settings.grpc_host, settings.grpc_port)
+            self.grpc = await start_grpc_server(
+                lambda: self.plane, settings.grpc_host, settings.grpc_port, gate
+            )
         # uvicorn drains HTTP on SIGTERM and runs on_shutdown only afterwards: gRPC must stop taking new
         # calls at the signal too.
         intercept_sigterm(self._drain_then)
@@ -468,7 +485,7 @@ class Tabserve:
         plane = self.plane  # once: a swap during the call must not mix two versions in one answer
         try:
             rows = plane.rows_from_records(records, in_a_list=not one_record)
-            batch = await plane.predict_rows(rows, "http", endpoint, request_id)
+            batch = await plane.predict_rows(rows, "http", endpoint, request_id, current_caller())
         except ServingError as error:
             plane.refused(error, "http")
             return error_response(error)
@@ -480,6 +497,8 @@ class Tabserve:
         )
 
 
+if gate is not None:  # first: the outermost of ours, so a refused request's body is never read
+    Tabserve.add_asgi_middleware(HttpAuth, gate=gate)  # type: ignore[attr-defined]
 Tabserve.add_asgi_middleware(  # type: ignore[attr-defined]
     HttpLimits, max_body_bytes=settings.max_body_bytes, max_upload_bytes=settings.max_upload_bytes
 )

@@ -93,6 +93,32 @@ class Settings(BaseSettings):
         default=False,
         description="BentoML's access log line per HTTP request (costs about a tenth of the throughput).",
     )
+    # Authentication (serving/auth.py).
+    auth_keys_file: Path | None = Field(
+        default=None,
+        description="API keys: a file of name:sha256[:rights] lines, or a directory of them (a mounted "
+        "Secret); read again when it changes. None: no authentication.",
+    )
+    auth_metrics: bool = Field(
+        default=False, description="/metrics needs a key with the right 'metrics' (auth on only)."
+    )
+    auth_docs: bool = Field(
+        default=True, description="The OpenAPI page (/, /docs.json) needs a key (auth on only)."
+    )
+    auth_max_failures: int = Field(
+        default=10,
+        ge=1,
+        description="Invalid keys from one address within auth_block_seconds before it is blocked.",
+    )
+    auth_block_seconds: float = Field(
+        default=60,
+        gt=0,
+        description="How long an address that sent too many invalid keys gets 429 (and the window they "
+        "are counted in).",
+    )
+    auth_reload_seconds: float = Field(
+        default=10, ge=0, description="How often the key file is checked for changes (0: at every call)."
+    )
     max_batch_rows: int = Field(
         default=1024, ge=1, description="Most rows in one adaptively batched model call."
     )

@@ -24,6 +24,8 @@ Columns, one row per answered row:
     request_id          string              the request's id (client-chosen or made)
     row                 int32               the row's index within its request, from 0
     transport, endpoint string
+    caller              string              the name of the API key the request came with (serving/auth.py);
+                                            null with auth off, absent from files written before it
     features            struct              a field per feature, in schema order: float64, bool or
                                             string; null where missing (from_pandas: NaN -> null)
     prediction          string | float64    the class label, or the predicted value (regression)
@@ -83,6 +85,7 @@ class LogColumns:
             pa.field("row", pa.int32()),
             pa.field("transport", _LABELS),
             pa.field("endpoint", _LABELS),
+            pa.field("caller", _LABELS),
             pa.field("features", pa.struct([(f.name, _feature_type(f)) for f in features])),
             pa.field("prediction", pa.string() if self.classes is not None else pa.float64()),
         ]
@@ -108,6 +111,7 @@ class LogColumns:
             pa.array(np.concatenate([np.arange(size, dtype=np.int32) for size in sizes])),
             _repeated([r.transport for r in requests], sizes),
             _repeated([r.endpoint for r in requests], sizes),
+            _repeated([r.caller for r in requests], sizes),
             pa.StructArray.from_arrays(self._feature_columns(rows), fields=self._feature_fields),
         ]
         if self.classes is not None:
@@ -146,6 +150,7 @@ class AnsweredRequest:
     labels: list[Any]
     probabilities: np.ndarray | None
     unknown_categories: list[dict[str, str]]
+    caller: str | None = None  # the API key's name; None with auth off
 
 
 def _feature_type(feature: Feature) -> pa.DataType:
@@ -158,11 +163,13 @@ def _feature_column(values: np.ndarray, feature: Feature) -> pa.Array:
     return pa.array(values, _feature_type(feature), from_pandas=True)
 
 
-def _repeated(values: list[str], sizes: np.ndarray) -> pa.DictionaryArray:
-    """Each value repeated as many times as its request has rows, each distinct value stored once."""
-    names = list(dict.fromkeys(values))
-    codes = np.repeat(np.array([names.index(value) for value in values], dtype=np.int32), sizes)
-    return pa.DictionaryArray.from_arrays(codes, pa.array(names, pa.string()))
+def _repeated(values: Sequence[str | None], sizes: np.ndarray) -> pa.DictionaryArray:
+    """Each value repeated as many times as its request has rows, each distinct value stored once; None is
+    null."""
+    names = [name for name in dict.fromkeys(values) if name is not None]
+    codes = np.repeat(np.array([-1 if v is None else names.index(v) for v in values], dtype=np.int32), sizes)
+    indices = pa.array(codes, mask=codes < 0) if None in values else pa.array(codes)
+    return pa.DictionaryArray.from_arrays(indices, pa.array(names, pa.string()))
 
 
 def _unknown_categories(per_row: list[dict[str, str]]) -> pa.MapArray:

@@ -245,8 +245,14 @@ class DataPlane:
     # ---- prediction ---------------------------------------------------------------------------------------
 
     async def predict_rows(
-        self, rows: np.ndarray, transport: str, endpoint: str, request_id: str | None = None
+        self,
+        rows: np.ndarray,
+        transport: str,
+        endpoint: str,
+        request_id: str | None = None,
+        caller: str | None = None,
     ) -> PredictionBatch:
+        """`caller`: the name of the API key the request came with (serving/auth.py), for the log."""
         if len(rows) == 0:
             raise BadInputError("no rows to predict: the batch is empty", "empty_batch")
         if request_id is not None and not VALID_REQUEST_ID.fullmatch(request_id):
@@ -276,12 +282,14 @@ class DataPlane:
             classes=self.classes,
             unknown_categories=self._unknown_categories(rows),
         )
-        self._record(rows, batch, transport, endpoint)
+        self._record(rows, batch, transport, endpoint, caller)
         if self._on_answered is not None:
             self._on_answered(rows, batch, self)
         return batch
 
-    async def infer(self, request: InferRequest, transport: str) -> tuple[list[OutputTensor], str]:
+    async def infer(
+        self, request: InferRequest, transport: str, caller: str | None = None
+    ) -> tuple[list[OutputTensor], str]:
         """An Open Inference Protocol request (REST or gRPC), already decoded into tensors."""
         # Checked before the model call: a refused request is neither predicted, logged nor counted.
         unknown = [name for name in request.outputs or [] if name not in self._output_names]
@@ -291,7 +299,7 @@ class DataPlane:
                 "unknown_output",
             )
         rows = self.rows_from_columns(columns_from_tensors(request.inputs, self.feature_names))
-        batch = await self.predict_rows(rows, transport, "infer", request.id)
+        batch = await self.predict_rows(rows, transport, "infer", request.id, caller)
         return self.output_tensors(batch, request.outputs), batch.request_id
 
     def output_tensors(self, batch: PredictionBatch, requested: list[str] | None) -> list[OutputTensor]:
@@ -342,7 +350,9 @@ class DataPlane:
                     unknown[row][name] = str(value)
         return unknown
 
-    def _record(self, rows: np.ndarray, batch: PredictionBatch, transport: str, endpoint: str) -> None:
+    def _record(
+        self, rows: np.ndarray, batch: PredictionBatch, transport: str, endpoint: str, caller: str | None
+    ) -> None:
         predicted = Counter(map(str, batch.labels)) if batch.classes else Counter(value=len(batch.labels))
         for label, count in predicted.items():
             self._metrics.predictions.labels(model=self.name, version=self.version, predicted=label).inc(
@@ -356,6 +366,7 @@ class DataPlane:
                 request_id=batch.request_id,
                 transport=transport,
                 endpoint=endpoint,
+                caller=caller,
                 rows=rows,
                 labels=batch.labels,
                 probabilities=batch.probabilities,

@@ -36,6 +36,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from models.schema import FeatureKind
+from serving.auth import current_caller
 from serving.dataplane import DataPlane, PredictionBatch
 from serving.errors import BadInputError, PayloadTooLargeError, ServingError, UnsupportedMediaTypeError
 from serving.rest import UPLOAD_ENDPOINT as ENDPOINT
@@ -163,7 +164,8 @@ async def _answer(request: Request, plane: DataPlane, upload: IO[bytes], chunk_r
         "X-Data-Digest": plane.lineage["data_digest"],
         "X-Request-Id": request_id,
     }
-    body = _predictions(plane, upload, source, output, chunk_rows, request_id)
+    # Read here, while the request runs as its caller: the answer streams after the handler returns.
+    body = _predictions(plane, upload, source, output, chunk_rows, request_id, current_caller())
     return StreamingResponse(body, media_type=MEDIA_TYPES[output], headers=headers)
 
 
@@ -320,6 +322,7 @@ async def _predictions(
     output: TableFormat,
     chunk_rows: int,
     request_id: str,
+    caller: str | None,
 ) -> AsyncIterator[bytes]:
     chunks = _chunks(plane, upload, source, chunk_rows)
     encoder = _Encoder(plane, output)
@@ -327,7 +330,7 @@ async def _predictions(
         yield encoder.start()
         while (batch := await asyncio.to_thread(next, chunks, None)) is not None:
             rows = plane.rows_from_columns(_frame_columns(batch, plane))
-            predictions = await plane.predict_rows(rows, TRANSPORT, ENDPOINT, request_id)
+            predictions = await plane.predict_rows(rows, TRANSPORT, ENDPOINT, request_id, caller)
             yield await asyncio.to_thread(encoder.chunk, predictions)
         yield encoder.finish()
     finally:

@@ -41,6 +41,7 @@ class ServingMetrics:
     )
     restart_needed: Any  # Gauge: 1 while a version holding the alias cannot be swapped in without a restart
     shadow_dropped: Any  # Counter: batches the shadow challenger did not score (its queue was full)
+    auth_refusals: Any  # Counter: calls refused by authentication (serving/auth.py), by transport and reason
 
 
 @functools.cache
@@ -151,6 +152,12 @@ def serving_metrics() -> ServingMetrics:
         ),
         shadow_dropped=Counter(
             "tabserve_shadow_dropped", "Batches the shadow challenger did not score: its queue was full"
+        ),
+        auth_refusals=Counter(
+            "tabserve_auth_refusals",
+            "Calls refused by authentication, by transport and reason (missing_key, unknown_key, "
+            "no_right, blocked)",
+            ["transport", "reason"],
         ),
     )
 

@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from serving.auth import current_caller
 from serving.dataplane import DataPlane
 from serving.errors import BadInputError, ServingError
 from serving.oip.codec import decode_rest_request, encode_rest_response, error_body
@@ -66,7 +67,7 @@ def routes(current_plane: Callable[[], DataPlane]) -> list[Route]:
                     f"{HEADER_LENGTH} must be a byte count, got '{header_length}'", "binary_length"
                 )
             decoded = decode_rest_request(await request.body(), int(header_length) if header_length else None)
-            outputs, request_id = await plane.infer(decoded, TRANSPORT)
+            outputs, request_id = await plane.infer(decoded, TRANSPORT, current_caller())
         except ServingError as error:
             return _error(plane, error)
         body, headers = encode_rest_response(

@@ -1,7 +1,8 @@
 """What the HTTP transport needs beyond BentoML's `@bentoml.api` methods: `GET /model`; the JSON bodies of
 those methods parsed and refused here, one clear 400 per bad body (`json_body`); a middleware that refuses
 what no endpoint can take before any parsing (wrong content type: 415; a body over the limit, counted as it
-arrives: 413) and times and counts requests; and a limit on the size of a request's head (431).
+arrives: 413) and times and counts requests; the authentication middleware, with auth on (`HttpAuth`); and a
+limit on the size of a request's head (431).
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from _bentoml_sdk.io_models import IODescriptor, IORootModel
 from bentoml._internal.service.openapi.specification import Info, OpenAPISpecification
 from fastapi.routing import APIRoute
 from pydantic import TypeAdapter, ValidationError
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import Response
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from models.store import StoredModel
+from serving.auth import Gate, Refusal, calling_as, presented_key
 from serving.errors import ServingError
 from serving.metrics import refusals_of_this_request, serving_metrics
 
@@ -116,6 +119,44 @@ class HttpLimits:
         return b"".join(pieces), None
 
 
+class HttpAuth:
+    """Authentication of HTTP and OIP REST calls: the gate (serving/auth.py) decides, this answers its
+    refusals (401 with `WWW-Authenticate: Bearer`, 403, 429 with `Retry-After`) before the body is read, and
+    lets an admitted call run as its key's name. Added only with auth on, outside HttpLimits."""
+
+    def __init__(self, app: Any, gate: Gate) -> None:
+        self.app = app
+        self.gate = gate
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":  # lifespan; this service has no websocket routes
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        headers = Headers(scope=scope)
+        verdict = self.gate.check(
+            "oip_rest" if path.startswith("/v2") else "http",
+            _client_address(scope),
+            presented_key(headers.get("authorization"), headers.get("x-api-key")),
+            self.gate.http_access(path),
+        )
+        if verdict.refusal is not None:
+            extra = [(b"www-authenticate", b"Bearer")] if verdict.refusal.status == 401 else []
+            if verdict.refusal is Refusal.BLOCKED:
+                extra.append((b"retry-after", str(verdict.retry_after).encode()))
+            await _send_error(send, verdict.refusal.status, verdict.message, verdict.refusal.reason, extra)
+            return
+        with calling_as(verdict.caller):
+            await self.app(scope, receive, send)
+
+
+def _client_address(scope: Scope) -> str:
+    """The client's address as uvicorn gives it: the peer, or X-Forwarded-For's when the peer is a trusted
+    proxy (uvicorn's FORWARDED_ALLOW_IPS, 127.0.0.1 by default)."""
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"
+
+
 def _header(scope: Scope, name: bytes) -> str:
     for key, value in scope["headers"]:
         if key == name:
@@ -133,13 +174,19 @@ def _replaying(body: bytes, receive: Any) -> Any:
     return replay
 
 
-async def _send_error(send: Any, status: int, message: str, _reason: str) -> None:
+async def _send_error(
+    send: Any, status: int, message: str, _reason: str, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
     body = orjson.dumps({"error": message})
     await send(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
         }
     )
     await send({"type": "http.response.body", "body": body})

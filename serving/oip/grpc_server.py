@@ -3,6 +3,8 @@
 The codec decodes and encodes, the data plane validates values and predicts. Beside the inference service
 the server answers the standard health service (`grpc.health.v1.Health`: SERVING while the data plane is
 ready, NOT_SERVING from the moment it stops) and server reflection, so grpcurl and grpc_health_probe work.
+With auth on, `GrpcAuth` lets in only the calls serving/auth.py admits (health, ServerLive and ServerReady
+stay open).
 """
 
 # Method names and signatures are those of the generated servicer.
@@ -25,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from serving.auth import Access, Gate, Refusal, calling_as, current_caller, presented_key
 from serving.errors import BadInputError, ServingError
 from serving.oip import grpc_predict_v2_pb2 as pb
 from serving.oip import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -55,7 +58,9 @@ class DataPlane(Protocol):
 
     def server_metadata(self) -> dict[str, Any]: ...
 
-    async def infer(self, request: InferRequest, transport: str) -> tuple[list[OutputTensor], str]: ...
+    async def infer(
+        self, request: InferRequest, transport: str, caller: str | None = None
+    ) -> tuple[list[OutputTensor], str]: ...
 
     def refused(self, error: ServingError, transport: str) -> None: ...
 
@@ -186,8 +191,66 @@ def _streaming(behavior: Any, requests_of: Callable[[Any, Any], Awaitable[Any]])
     return writing
 
 
-async def _abort(context: Any, code: grpc.StatusCode, message: str) -> NoReturn:
-    await context.abort(code, message)
+class GrpcAuth(grpc.aio.ServerInterceptor):
+    """Authentication of gRPC calls (metadata `authorization: Bearer <key>` or `x-api-key`): the gate
+    (serving/auth.py) decides before the handler runs; a refusal is UNAUTHENTICATED, PERMISSION_DENIED, or
+    RESOURCE_EXHAUSTED with `retry-after` in the trailing metadata. An admitted call runs as its key's
+    name. Installed only with auth on."""
+
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = await continuation(details)
+        access = self.gate.grpc_access(details.method)
+        if handler is None or access is Access.OPEN:
+            return handler
+        metadata = {key: value for key, value in details.invocation_metadata or () if isinstance(value, str)}
+        presented = presented_key(metadata.get("authorization"), metadata.get("x-api-key"))
+        gate = self.gate
+
+        async def admitted(context: Any) -> str | None:
+            verdict = gate.check(TRANSPORT, peer_address(context.peer()), presented, access)
+            refusal = verdict.refusal
+            if refusal is None:
+                return verdict.caller
+            trailing = (("retry-after", str(verdict.retry_after)),) if refusal is Refusal.BLOCKED else ()
+            return await _abort(context, grpc.StatusCode[refusal.grpc_code], verdict.message, trailing)
+
+        if handler.unary_unary is not None:
+            behavior = handler.unary_unary
+
+            async def unary_unary(request: Any, context: Any) -> Any:
+                with calling_as(await admitted(context)):
+                    return await behavior(request, context)
+
+            return handler._replace(unary_unary=unary_unary)
+
+        async def after_admission(arrived: Any, context: Any) -> Any:
+            await admitted(context)
+            return arrived
+
+        # Streaming methods here are reflection's and health's: they reach no data plane, so no caller.
+        kind = "unary_stream" if handler.unary_stream is not None else "stream_stream"
+        if getattr(handler, kind) is None:
+            return handler  # stream-unary: no such method here
+        return handler._replace(**{kind: _streaming(getattr(handler, kind), after_admission)})
+
+
+def peer_address(peer: str) -> str:
+    """'ipv4:127.0.0.1:5123' -> '127.0.0.1', 'ipv6:[::1]:5123' -> '::1'; anything else as it is."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rpartition(":")[0]
+    if kind == "ipv6":
+        return rest.rpartition(":")[0].strip("[]")
+    return peer
+
+
+async def _abort(
+    context: Any, code: grpc.StatusCode, message: str, trailing: tuple[tuple[str, str], ...] = ()
+) -> NoReturn:
+    await context.abort(code, message, trailing_metadata=trailing)
     raise AssertionError("unreachable: context.abort raises")
 
 
@@ -239,7 +302,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         started = time.perf_counter()
         plane = self.current_plane()
         plane.check_model(request.model_name, request.model_version or None)
-        outputs, request_id = await plane.infer(decode_grpc_request(request), TRANSPORT)
+        outputs, request_id = await plane.infer(decode_grpc_request(request), TRANSPORT, current_caller())
         response = encode_grpc_response(
             plane.name, plane.version, request_id, outputs, raw=bool(request.raw_input_contents)
         )
@@ -290,11 +353,16 @@ def check_port_free(host: str, port: int) -> None:
             ) from None
 
 
-async def start_grpc_server(current_plane: Callable[[], DataPlane], host: str, port: int) -> GrpcServer:
+async def start_grpc_server(
+    current_plane: Callable[[], DataPlane], host: str, port: int, gate: Gate | None = None
+) -> GrpcServer:
     """Serve the data plane that `current_plane` gives (per call) on host:port (port 0: any free port). The
-    port is bound with SO_REUSEPORT, so that several worker processes can share it."""
+    port is bound with SO_REUSEPORT, so that several worker processes can share it. `gate`: authentication
+    (serving/auth.py), None when it is off."""
+    # Authentication first: a refused call is not even parsed.
+    authentication = [GrpcAuth(gate)] if gate is not None else []
     server = grpc.aio.server(
-        interceptors=[UndecodableIsInvalidArgument()],
+        interceptors=[*authentication, UndecodableIsInvalidArgument()],
         options=[
             ("grpc.so_reuseport", 1),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
