@@ -171,17 +171,41 @@ def test_a_batch_is_the_documented_columns(tmp_path: Path) -> None:
     with log.path.open("rb") as handle:
         table = pa.ipc.open_stream(handle).read_all()
     assert table.schema.names == [
-        "ts", "request_id", "row", "transport", "endpoint", "features", "prediction", "probabilities",
-        "unknown_categories", "model", "version", "registered_version", "mlflow_run_id", "data_digest",
+        "ts", "request_id", "row", "transport", "endpoint", "caller", "features", "prediction",
+        "probabilities", "unknown_categories", "model", "version", "registered_version", "mlflow_run_id",
+        "data_digest",
     ]  # fmt: skip
     second = table.slice(1).to_pylist()[0]
     assert second["row"] == 1
     assert second["request_id"] == "req-0"
+    assert second["caller"] is None  # auth off
     assert second["features"] == {"x": 1.0}
     assert second["prediction"] == "yes"
     assert second["probabilities"] == {"no": 0.25, "yes": 0.75}
     assert second["unknown_categories"] == [("city", "rome")]
     assert {key: second[key] for key in LINEAGE} == LINEAGE
+
+
+def test_each_row_names_its_callers_key_and_files_from_before_the_column_are_still_read(
+    tmp_path: Path,
+) -> None:
+    requests = [
+        AnsweredRequest(**{**answered(0, 2).__dict__, "caller": "ci"}),
+        answered(2, 1),  # auth off (or an open call): null
+        AnsweredRequest(**{**answered(3, 1).__dict__, "caller": "ops"}),
+    ]
+    batch = COLUMNS.batch(requests)
+    assert batch.column("caller").to_pylist() == ["ci", "ci", None, "ops"]
+    # A file as versions before the column wrote it.
+    older = batch.drop_columns(["caller"])
+    path = tmp_path / "predictions-host-1.arrows"
+    with pa.ipc.new_stream(path, older.schema) as writer:
+        writer.write_batch(older)
+    target = LogTarget(model="m", version="v1", schema=SCHEMA, classes=["no", "yes"])
+    sample = read_log([path], target, Window(), 100)
+    assert (sample.stats.seen, sample.stats.corrupt, sample.stats.partial) == (4, 0, 0)
+    assert sample.frame["x"].tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert [record.get("caller") for record in log_records([path])] == [None] * 4
 
 
 def test_a_full_disk_keeps_whole_batches_and_counts_the_rest(full_disk: Path) -> None:
