@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
+from serving.auth import RIGHTS, parse_keys
 from tests.conftest import PROJECT_ROOT, help_of, require_tool
 
 COMPOSE_DIR = PROJECT_ROOT / "deploy" / "compose"
@@ -164,3 +165,13 @@ def test_the_retrain_loop_runs_on_a_schedule_against_the_registry(compose: dict[
 
 def test_the_lifecycle_schedule_command_exists() -> None:
     assert "--every" in help_of("lifecycle", "schedule")
+
+
+def test_the_service_reads_its_api_keys_from_a_compose_secret(compose: dict[str, Any]) -> None:
+    service = compose["services"]["tabserve"]
+    [name] = service["secrets"]
+    assert service["environment"]["TABSERVE_AUTH_KEYS_FILE"] == f"/run/secrets/{name}"
+    key_file = COMPOSE_DIR / compose["secrets"][name]["file"]
+    keys = parse_keys(key_file.read_text(), str(key_file))  # as the service reads it
+    assert keys
+    assert all(key.rights <= set(RIGHTS) for key in keys)

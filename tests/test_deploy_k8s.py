@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from deploy.manifests import ManifestError, kustomize, load_documents
+from serving.auth import RIGHTS, parse_keys
 from tests.conftest import PROJECT_ROOT, help_of, require_tool
 
 K8S = PROJECT_ROOT / "deploy" / "k8s"
@@ -233,3 +234,23 @@ def test_the_retrain_cronjob_runs_the_loop_once_at_a_time_into_a_writable_store(
 
 def test_the_retrain_command_exists() -> None:
     assert "--window" in help_of("lifecycle", "retrain")
+
+
+def test_the_service_reads_its_api_keys_from_a_mounted_secret(base: list[dict[str, Any]]) -> None:
+    """Mounted whole (never through subPath, which the kubelet never updates), so that a rotated key reaches
+    the pods without a restart; every line of the example parses as the service reads it."""
+    spec = pod_spec(by_kind(base, "Deployment"))
+    [container] = spec["containers"]
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    [mount] = [
+        mount for mount in container["volumeMounts"] if mount["mountPath"] == env["TABSERVE_AUTH_KEYS_FILE"]
+    ]
+    assert mount["readOnly"] is True
+    assert "subPath" not in mount
+    volume = {volume["name"]: volume for volume in spec["volumes"]}[mount["name"]]
+    secret = by_kind(base, "Secret", volume["secret"]["secretName"])
+    assert "optional" not in volume["secret"]  # auth on with no keys would be a pod that serves nobody
+    for file_name, text in secret["stringData"].items():
+        keys = parse_keys(text, file_name)
+        assert keys, file_name
+        assert all(key.rights <= set(RIGHTS) for key in keys)
