@@ -54,6 +54,7 @@ from serving.rest import (
     HttpAuth,
     HttpLimits,
     InvalidBody,
+    document_authentication,
     document_refusals,
     error_response,
     json_body,
@@ -209,6 +210,8 @@ class DescribedService(bentoml.Service[Any]):
     def openapi_spec(self) -> OpenAPISpecification:
         spec = attrs.evolve(super().openapi_spec, info=openapi_info(champion))
         document_refusals(spec)
+        if gate is not None:
+            document_authentication(spec, gate.http_access)
         return spec
 
 

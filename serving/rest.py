@@ -23,7 +23,7 @@ from starlette.responses import Response
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from models.store import StoredModel
-from serving.auth import Gate, Refusal, calling_as, presented_key
+from serving.auth import Access, Gate, Refusal, calling_as, presented_key
 from serving.errors import ServingError
 from serving.metrics import refusals_of_this_request, serving_metrics
 
@@ -282,6 +282,34 @@ def document_refusals(spec: OpenAPISpecification) -> None:
         assert isinstance(operation, dict)  # as BentoML builds its APIs' operations
         operation["responses"].update(JSON_REFUSALS)
         operation["requestBody"]["required"] = True
+
+
+SECURITY_SCHEMES: Final = {
+    "bearer": {"type": "http", "scheme": "bearer"},
+    "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+}
+AUTH_REFUSALS: Final = {
+    401: {"description": "No API key, or not a valid one", **_REFUSAL},
+    429: {"description": "Too many invalid keys from this address: retry after Retry-After", **_REFUSAL},
+}
+NO_RIGHT: Final = {403: {"description": "The API key lacks the right this call needs", **_REFUSAL}}
+
+
+def document_authentication(spec: OpenAPISpecification, access: Callable[[str], Access]) -> None:
+    """With auth on: the two ways to send a key, and on each operation that needs one (as `access` says,
+    serving/auth.py), that it does and what a refusal answers."""
+    assert isinstance(spec.components, dict)  # as document_refusals
+    spec.components["securitySchemes"] = SECURITY_SCHEMES
+    for path, item in spec.paths.items():
+        needs = access(path)
+        if needs is Access.OPEN:
+            continue
+        for method in ("get", "put", "post", "delete", "patch"):
+            operation = getattr(item, method, None)
+            if isinstance(operation, dict):
+                operation["security"] = [{name: []} for name in SECURITY_SCHEMES]
+                refusals = AUTH_REFUSALS if needs is Access.ANY_KEY else {**AUTH_REFUSALS, **NO_RIGHT}
+                operation.setdefault("responses", {}).update(refusals)
 
 
 def error_response(error: ServingError) -> Response:

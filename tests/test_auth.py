@@ -492,6 +492,18 @@ def test_metrics_and_docs_follow_their_settings(secured: Server) -> None:
     assert httpx.get(f"{secured.url}/", timeout=30).status_code == 200
 
 
+def test_the_openapi_page_documents_the_keys_and_the_refusals(secured: Server) -> None:
+    spec = httpx.get(f"{secured.url}/docs.json", timeout=30).json()
+    assert set(spec["components"]["securitySchemes"]) == {"bearer", "apiKey"}
+    predict = spec["paths"]["/predict"]["post"]
+    assert {"401", "403", "429"} <= set(predict["responses"])
+    assert predict["security"] == [{"bearer": []}, {"apiKey": []}]
+    model = spec["paths"]["/model"]["get"]
+    assert {"401", "429"} <= set(model["responses"])
+    assert "403" not in model["responses"]  # any valid key
+    assert "security" not in spec["paths"]["/readyz"]["get"]
+
+
 def test_the_callers_key_name_is_in_the_prediction_log(
     secured: Server, record: dict[str, float], rows: np.ndarray
 ) -> None:
