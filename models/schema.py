@@ -122,7 +122,11 @@ class FeatureSchema(BaseModel):
             fields[field_name] = (
                 annotation,
                 Field(
-                    default, alias=feature.name, description=_describe(feature), examples=_example(feature)
+                    default,
+                    alias=feature.name,
+                    description=_describe(feature),
+                    examples=_example(feature),
+                    json_schema_extra=_bounds(feature),
                 ),
             )
         return create_model(
@@ -306,6 +310,15 @@ def _describe(feature: Feature) -> str:
     if feature.nullable:
         text += "; may be null or omitted"
     return text
+
+
+def _bounds(feature: Feature) -> dict[str, Any] | None:
+    """The limits the data plane enforces (serving/dataplane.py `_check_limits`), in the request's JSON
+    schema, so that the OpenAPI page says which numbers are refused. Only documented: the data plane checks
+    them for every transport alike, with a message that names the training range."""
+    if feature.limit is None:
+        return None
+    return {"minimum": -feature.limit, "maximum": feature.limit}
 
 
 def _example(feature: Feature) -> list[Any]:

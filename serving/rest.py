@@ -94,8 +94,11 @@ class HttpLimits:
 
     @staticmethod
     def _wrong_media_type(path: str, scope: Scope) -> tuple[int, str, str] | None:
+        # Only a POST carries the body: any other method is the router's to refuse, with 405 and Allow.
+        if path not in JSON_ENDPOINTS or scope["method"] != "POST":
+            return None
         media_type = _header(scope, b"content-type").split(";")[0].strip().lower()
-        if path in JSON_ENDPOINTS and media_type != "application/json":
+        if media_type != "application/json":
             shown = media_type or "none"
             return 415, f"Content-Type must be application/json, got {shown}", "unsupported_media_type"
         return None
