@@ -34,7 +34,7 @@ from serving.answered import AnsweredIndex
 from serving.dataplane import MAX_REQUEST_ID, DataPlane
 from serving.metrics import ServingMetrics
 from serving.predlog import JsonLinesLog
-from serving.rest import named_problems
+from serving.rest import JSON_REFUSALS, named_problems
 
 ROUTE = "/feedback"
 # Longer than the answered-request index takes to write a burst (about a millisecond here).
@@ -222,6 +222,7 @@ def feedback_route(current_desk: Callable[[], FeedbackDesk], max_items: int) -> 
             "responses": {
                 "200": {"description": "At least one label kept; the refused ones listed", **json_answer},
                 "400": {"description": "No label kept, each refusal with its reason", **json_answer},
+                "408": JSON_REFUSALS[408],  # HttpLimits too
                 "413": {
                     "description": "The body is over TABSERVE_MAX_BODY_BYTES",
                     # serving/rest.py's HttpLimits answers it before this route runs, with its error body.

@@ -1,12 +1,13 @@
 """What the HTTP transport needs beyond BentoML's `@bentoml.api` methods: `GET /model`; the JSON bodies of
 those methods parsed and refused here, one clear 400 per bad body (`json_body`); a middleware that refuses
 what no endpoint can take before any parsing (wrong content type: 415; a body over the limit, counted as it
-arrives: 413) and times and counts requests; the authentication middleware, with auth on (`HttpAuth`); and a
-limit on the size of a request's head (431).
+arrives: 413; a body that takes too long to arrive: 408) and times and counts requests; the authentication
+middleware, with auth on (`HttpAuth`); and a limit on the size of a request's head (431).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import Any, Final
@@ -33,6 +34,13 @@ UPLOAD_ENDPOINT = "/predict_file"
 TIMED_ENDPOINTS = JSON_ENDPOINTS | {UPLOAD_ENDPOINT}
 # The request line and headers together; browsers and proxies send a few KiB (nginx allows 32 KiB).
 MAX_HEAD_BYTES = 64 * 1024
+# How long a request body may take to arrive whole, from the first read: a client that trickles it holds a
+# connection and a worker's memory for nothing. Below the request timeout (service.py, `traffic`: 60 s),
+# which would cancel the read and answer 504, blaming the server for the client's slowness.
+MAX_BODY_SECONDS = 30
+# Refusals sent before the body was read to its end: the connection closes, or the server would go on
+# reading (and discarding) whatever the client still sends.
+CLOSING_STATUSES = frozenset({408, 413})
 # Problems named in a refused body's "error" text and listed in its "detail".
 NAMED_PROBLEMS = 5
 LISTED_PROBLEMS = 100
@@ -109,16 +117,21 @@ class HttpLimits:
         no length, and the app would read all of it."""
         pieces: list[bytes] = []
         size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # the client went away
-                break
-            pieces.append(message.get("body", b""))
-            size += len(pieces[-1])
-            if size > limit:
-                return b"", (413, f"request body is over the limit of {limit} bytes", "body_too_large")
-            if not message.get("more_body", False):
-                break
+        too_large = (413, f"request body is over the limit of {limit} bytes", "body_too_large")
+        try:
+            async with asyncio.timeout(MAX_BODY_SECONDS):
+                while True:
+                    message = await receive()
+                    if message["type"] != "http.request":  # the client went away
+                        break
+                    pieces.append(message.get("body", b""))
+                    size += len(pieces[-1])
+                    if size > limit:
+                        return b"", too_large
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            return b"", (408, f"request body did not arrive within {MAX_BODY_SECONDS} s", "body_timeout")
         return b"".join(pieces), None
 
 
@@ -181,6 +194,7 @@ async def _send_error(
     send: Any, status: int, message: str, _reason: str, headers: list[tuple[bytes, bytes]] | None = None
 ) -> None:
     body = orjson.dumps({"error": message})
+    closing = [(b"connection", b"close")] if status in CLOSING_STATUSES else []
     await send(
         {
             "type": "http.response.start",
@@ -189,6 +203,7 @@ async def _send_error(
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
                 *(headers or []),
+                *closing,
             ],
         }
     )
@@ -269,6 +284,7 @@ REFUSAL_SCHEMA: Final = {
 }
 _REFUSAL = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/InvalidArgument"}}}}
 JSON_REFUSALS: Final = {
+    408: {"description": f"The body did not arrive whole within {MAX_BODY_SECONDS} s", **_REFUSAL},
     413: {"description": "The body is over TABSERVE_MAX_BODY_BYTES", **_REFUSAL},
     415: {"description": "The Content-Type is not application/json", **_REFUSAL},
     503: {"description": "The model is overloaded: retry later", **_REFUSAL},
