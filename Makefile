@@ -9,7 +9,7 @@ export OMP_NUM_THREADS ?= 1
 # Use the system's CA store, so that PyPI works behind a TLS-intercepting proxy too.
 export UV_NATIVE_TLS ?= 1
 
-.PHONY: setup train serve build test lint format clean drift-report simulate drift-bench containerize smoke dashboard loadtest bench bench-quick bench-swap bench-scorers profile
+.PHONY: setup train serve build test lint format clean drift-report simulate drift-bench containerize smoke dashboard loadtest bench bench-quick bench-swap bench-scorers profile fuzz
 
 setup: .venv/.synced
 
@@ -101,6 +101,12 @@ bench-scorers: setup
 # state (own stores in loadtests/results; ~3 min); rewrites the swap section of BENCHMARKS.md.
 bench-swap: setup
 	$(PY) -m loadtests.swap --update
+
+# The long fuzzing run (~10 min) on a `bentoml serve` of its own (own stores, free loopback ports): Schemathesis
+# with every applicable check (>= 20,000 cases), the gRPC fuzzer (>= 5,000 messages), the raw HTTP framing
+# cases, the server tree's memory before and after; writes loadtests/results/fuzz.json; fails on any failure.
+fuzz: setup
+	$(PY) -m loadtests.fuzz
 
 # Where the workers' CPU goes under load (py-spy): TRANSPORT=http|oip-rest|grpc, ROWS=1|1000.
 TRANSPORT ?= grpc
