@@ -13,6 +13,7 @@ Shared by tests/test_fuzz_framing.py and `make fuzz` (loadtests/fuzz.py).
 
 from __future__ import annotations
 
+import select
 import socket
 import time
 from collections.abc import Callable
@@ -172,57 +173,48 @@ def exchange(target: Target, data: bytes, count: int = 1, wait: float = ANSWER_S
 
 
 def stream_until_answered(target: Target, head: bytes, piece: bytes, most_bytes: int) -> Answer:
-    """`head`, then `piece` again and again with no end, until the server answers or closes, or `most_bytes`
-    are sent: a body (or head) that never ends must be refused once over its limit."""
+    """`head`, then `piece` again and again with no end, until the server answers, closes or stops reading,
+    or `most_bytes` are sent: a body (or head) that never ends must be refused once over its limit."""
     with target.connect() as sock:
         sock.sendall(head)
-        sock.setblocking(False)
+        sock.settimeout(1.0)  # a piece that cannot go out within a second: the server stopped reading
         sent = 0
-        while sent < most_bytes:
-            try:
-                sent += sock.send(piece)
-            except BlockingIOError:
-                time.sleep(0.01)  # the server is not reading: it may be answering
-            except ConnectionError:
-                break
-            try:
-                if sock.recv(1, socket.MSG_PEEK):
-                    break
-            except BlockingIOError:
-                continue
-            except ConnectionError:
-                break
-        sock.setblocking(True)
+        try:
+            while sent < most_bytes and not _readable(sock):
+                sock.sendall(piece)
+                sent += len(piece)
+        except (TimeoutError, ConnectionError):
+            pass  # its answer, if any, is read below
         return read_answers(sock, 1)
 
 
-def trickle(target: Target, data: bytes, piece: int, interval: float, seconds: float) -> Answer:
-    """`data`, `piece` bytes every `interval` seconds for at most `seconds` (stopping at the server's
-    answer), with a valid request on a connection of its own every 10 pieces: each of those must be
-    answered 200 meanwhile, or the answer carries a -1 status."""
+def trickle(target: Target, head: bytes, body: bytes, piece: int, interval: float, seconds: float) -> Answer:
+    """`head` at once, then `body`, `piece` bytes every `interval` seconds for at most `seconds` (stopping
+    at the server's answer), with a valid request on a connection of its own every 10 pieces: each of those
+    must be answered 200 meanwhile, or the answer carries a -1 status."""
     with target.connect() as sock:
-        sock.setblocking(False)
+        sock.sendall(head)
         started = time.monotonic()
         served_meanwhile = []
-        for index, offset in enumerate(range(0, len(data), piece)):
-            if time.monotonic() - started > seconds:
+        for index, offset in enumerate(range(0, len(body), piece)):
+            if time.monotonic() - started > seconds or _readable(sock):
                 break
             try:
-                sock.send(data[offset : offset + piece])
-                if sock.recv(1, socket.MSG_PEEK):
-                    break  # answered
-            except BlockingIOError:
-                pass
+                sock.sendall(body[offset : offset + piece])
             except ConnectionError:
                 break
             if index % 10 == 0:
                 served_meanwhile.append(valid_status(target))
             time.sleep(interval)
-        sock.setblocking(True)
         answer = read_answers(sock, 1)
         if any(status != 200 for status in served_meanwhile):
             answer.statuses.append(-1)
         return answer
+
+
+def _readable(sock: socket.socket) -> bool:
+    """Whether the server has written (or closed) already."""
+    return bool(select.select([sock], [], [], 0)[0])
 
 
 # ---- the cases --------------------------------------------------------------------------------------------
@@ -407,10 +399,10 @@ def connection_cases(long: bool) -> list[Case]:
         return exchange(t, t.valid() * 3, count=3)
 
     def slow_body(t: Target) -> Answer:
-        request = t.valid()
+        head = t.head(Content_Type="application/json", Content_Length=str(len(t.record)))
         if long:  # a byte a second: the body cannot arrive within the server's deadline
-            return trickle(t, request, 1, 1.0, MAX_BODY_SECONDS + 15)
-        return trickle(t, request, 20, 0.05, 10)  # a few seconds, then whole: answered
+            return trickle(t, head, t.record, 1, 1.0, MAX_BODY_SECONDS + 15)
+        return trickle(t, head, t.record, 20, 0.05, 10)  # whole in a few seconds: answered
 
     def slowloris(t: Target) -> Answer:
         """Many connections each holding an unfinished head, a header line now and then; others are still

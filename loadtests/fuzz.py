@@ -9,8 +9,8 @@ loopback ports, and runs, one after the other:
 2. The gRPC fuzzer over every method of the OIP service (loadtests/grpc_fuzz.py): at least 5,000 messages;
    no UNKNOWN or INTERNAL.
 3. The raw HTTP framing cases (loadtests/framing.py), long: the slow body waits out the server's deadline.
-Memory: the resident memory of the server's whole process tree after a warm-up, at its peak, and after the
-run; it may grow by at most MAX_RSS_GROWTH_BYTES. The CI tests run the same three, bounded
+Memory: the resident memory of the server's whole process tree after a warm-up, after each part, at its
+peak, and after the run; it may grow by at most MAX_RSS_GROWTH_BYTES. The CI tests run the same three, bounded
 (tests/test_fuzz_http.py, test_fuzz_grpc.py, test_fuzz_framing.py).
 """
 
@@ -85,18 +85,22 @@ def main(
                 f"  {http.cases} cases in {http.seconds:.0f} s; failures: {http.failures_by_check or 'none'}"
             )
             echo(f"gRPC: {grpc_messages_per_method} messages per method")
+            rss_by_phase = {"schemathesis": proctree.rss_bytes(server.pid)}
             grpc = grpc_fuzz.fuzz(launch.grpc_target, grpc_messages_per_method, seed)
+            rss_by_phase["grpc"] = proctree.rss_bytes(server.pid)
             echo(f"  {grpc.messages} messages in {grpc.seconds:.0f} s: {dict(grpc.codes)}")
             echo("HTTP framing cases, long")
             framing_started = time.monotonic()
             cases = framing.run_cases(launch.url, MAX_BODY_BYTES, long=True)
             framing_seconds = time.monotonic() - framing_started
+            rss_by_phase["framing"] = proctree.rss_bytes(server.pid)
             time.sleep(SETTLE_SECONDS)
         rss_after = proctree.rss_bytes(server.pid)
         tracebacks = server.output.read_text(errors="replace").count("Traceback")
     memory = {
         "before_bytes": rss_before,
         "peak_bytes": peak.peak,
+        **{f"after_{phase}_bytes": value for phase, value in rss_by_phase.items()},
         "after_bytes": rss_after,
         "growth_bytes": rss_after - rss_before,
         "max_growth_bytes": MAX_RSS_GROWTH_BYTES,
