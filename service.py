@@ -37,6 +37,7 @@ from models.registry import CHAMPION, registry_client, served_model
 from models.schema import RecordValues
 from models.store import StoredModel
 from serving import oip_rest
+from serving.admission import Admission
 from serving.answered import AnsweredIndex
 from serving.arrowlog import ArrowLog
 from serving.auth import KeyFileError, current_caller, gate_from
@@ -58,9 +59,9 @@ from serving.rest import (
     document_refusals,
     error_response,
     json_body,
-    limit_request_heads,
     model_info_route,
     openapi_info,
+    serve_http,
 )
 from serving.shadow import SHADOW_STEM, ShadowScorer
 from serving.shutdown import CallTracker, Resume, intercept_sigterm
@@ -71,6 +72,8 @@ from settings import get_settings
 # until the model service has exited (see serving/shutdown.py). Read by `bentoml serve` after this import.
 os.environ.setdefault("BENTOML_NO_UDS", "1")
 settings = get_settings()
+# This worker's admission control, shared by HTTP and gRPC (each worker process imports this module).
+admission = Admission(settings.max_concurrency, settings.max_queue_ms / 1000)
 try:
     # The version the request model, the OpenAPI page and `bentoml build` are made from (models/registry.py).
     champion, follow_champion = served_model(settings)
@@ -379,7 +382,7 @@ class Tabserve:
     async def start_grpc(self) -> None:
         if settings.grpc_port:
             self.grpc = await start_grpc_server(
-                lambda: self.plane, settings.grpc_host, settings.grpc_port, gate
+                lambda: self.plane, settings.grpc_host, settings.grpc_port, admission, gate
             )
         # uvicorn drains HTTP on SIGTERM and runs on_shutdown only afterwards: gRPC must stop taking new
         # calls at the signal too.
@@ -505,4 +508,4 @@ if gate is not None:  # first: the outermost of ours, so a refused request's bod
 Tabserve.add_asgi_middleware(  # type: ignore[attr-defined]
     HttpLimits, max_body_bytes=settings.max_body_bytes, max_upload_bytes=settings.max_upload_bytes
 )
-limit_request_heads()
+serve_http(admission)

@@ -128,6 +128,22 @@ class Settings(BaseSettings):
         description="Load-shedding deadline of the adaptive batcher: a request it cannot answer in time "
         "gets 503. Not a wait: batches form from requests that arrive while the model is busy.",
     )
+    # Admission control (serving/admission.py): under overload each API worker refuses what it cannot answer
+    # in time with 503 / UNAVAILABLE and Retry-After, as soon as the request arrives, so that the requests it
+    # takes stay fast. The defaults refuse nothing at 32 concurrent clients (BENCHMARKS.md's load).
+    max_concurrency: int = Field(
+        default=128,
+        ge=1,
+        description="Most prediction requests in progress in one API worker (all transports; health, "
+        "metadata and /predict_file uploads not counted); more get 503. Bounds the memory they hold.",
+    )
+    max_queue_ms: int = Field(
+        default=1000,
+        ge=10,
+        description="Longest an API worker expects a new prediction request to take (the requests in "
+        "progress times the measured time per request) before it refuses it with 503: the bound on the "
+        "latency of the requests it accepts under overload.",
+    )
     max_batch_records: int = Field(
         default=10_000, ge=1, description="Most records in one /predict_batch call."
     )

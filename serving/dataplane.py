@@ -24,7 +24,7 @@ from models.schema import MAX_STORED_CATEGORIES, Feature, FeatureKind, RecordVal
 from models.store import StoredModel
 from serving.answered import AnsweredIndex
 from serving.arrowlog import AnsweredRequest, ArrowLog, LogColumns
-from serving.errors import BadInputError, ModelNotFoundError, ServingError
+from serving.errors import BadInputError, ModelNotFoundError, ServingError, UnavailableError
 from serving.metrics import ServingMetrics, mark_refusal_counted
 from serving.model import COMPILED, SCIKIT_LEARN
 from serving.oip.codec import InferRequest, OutputTensor, columns_from_tensors
@@ -334,7 +334,10 @@ class DataPlane:
     # ---- accounting ---------------------------------------------------------------------------------------
 
     def refused(self, error: ServingError, transport: str) -> None:
-        self._metrics.validation_errors.labels(transport=transport, reason=error.reason).inc()
+        counter = (
+            self._metrics.shed if isinstance(error, UnavailableError) else self._metrics.validation_errors
+        )
+        counter.labels(transport=transport, reason=error.reason).inc()
         mark_refusal_counted(error.reason)
 
     def observe(self, transport: str, endpoint: str, started: float) -> None:

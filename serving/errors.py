@@ -13,6 +13,16 @@ class ServingError(Exception):
         self.message = message
         self.reason = reason  # short machine-readable label, used as a metrics label
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """HTTP headers the answer carries besides its status and body."""
+        return {}
+
+    @property
+    def grpc_trailers(self) -> tuple[tuple[str, str], ...]:
+        """Trailing metadata of the gRPC status."""
+        return ()
+
 
 class BadInputError(ServingError):
     status = 400
@@ -33,5 +43,24 @@ class ModelNotFoundError(ServingError):
 
 
 class UnavailableError(ServingError):
+    """The service cannot take the request now, whatever it holds: the client should send it again after
+    `retry_after_seconds` (HTTP Retry-After; gRPC retry-after and grpc-retry-pushback-ms metadata)."""
+
     status = 503
     grpc_code = "UNAVAILABLE"
+
+    def __init__(self, message: str, reason: str = "unavailable", retry_after_seconds: int = 1) -> None:
+        super().__init__(message, reason)
+        self.retry_after_seconds = retry_after_seconds
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_seconds)}
+
+    @property
+    def grpc_trailers(self) -> tuple[tuple[str, str], ...]:
+        # grpc-retry-pushback-ms is what gRPC clients with a retry policy obey (gRFC A6).
+        return (
+            ("retry-after", str(self.retry_after_seconds)),
+            ("grpc-retry-pushback-ms", str(1000 * self.retry_after_seconds)),
+        )

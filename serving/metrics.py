@@ -24,6 +24,7 @@ class ServingMetrics:
     request_seconds: Any  # Histogram: request latency by transport and endpoint
     batch_rows: Any  # Histogram: rows per model call (after adaptive batching)
     validation_errors: Any  # Counter: refused requests by transport and reason
+    shed: Any  # Counter: requests refused with 503 / UNAVAILABLE under overload, by transport and reason
     log_dropped: Any  # Counter: prediction-log records that could not be written
     feedback: Any  # Counter: labels of POST /feedback, by outcome (accepted / rejected) and reason
     feedback_dropped: Any  # Counter: accepted labels (or answered ids) that could not be written
@@ -69,6 +70,12 @@ def serving_metrics() -> ServingMetrics:
         validation_errors=Counter(
             "tabserve_validation_errors",
             "Requests refused as invalid, by transport and reason",
+            ["transport", "reason"],
+        ),
+        shed=Counter(
+            "tabserve_shed",
+            "Requests refused under overload (503 / UNAVAILABLE, with Retry-After), by transport and reason: "
+            "max_concurrency or max_queue_time at admission, overloaded at the batching deadline",
             ["transport", "reason"],
         ),
         log_dropped=Counter(

@@ -94,4 +94,9 @@ def routes(current_plane: Callable[[], DataPlane]) -> list[Route]:
 
 def _error(plane: DataPlane, error: ServingError) -> Response:
     plane.refused(error, TRANSPORT)
-    return Response(error_body(error.message), status_code=error.status, media_type="application/json")
+    return Response(
+        error_body(error.message),
+        status_code=error.status,
+        headers=error.headers,
+        media_type="application/json",
+    )

@@ -24,6 +24,7 @@ from starlette.responses import Response
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from models.store import StoredModel
+from serving.admission import Admission, OverloadedError
 from serving.auth import Access, Gate, Refusal, calling_as, presented_key
 from serving.errors import ServingError
 from serving.metrics import refusals_of_this_request, serving_metrics
@@ -173,6 +174,40 @@ def _client_address(scope: Scope) -> str:
     return str(client[0]) if client else "unknown"
 
 
+class AdmissionGate:
+    """Each prediction request (the JSON APIs, OIP REST infer) admitted by the worker's `Admission`
+    (serving/admission.py), or answered 503 with Retry-After at once, before its body is read. In front of
+    BentoML's own middlewares (see `serve_http`): a refusal must cost as little as it can, or refusing
+    under overload takes the CPU that the admitted requests need. Uploads to /predict_file are not gated:
+    their time is their size's, not the queue's."""
+
+    def __init__(self, app: Any, admission: Admission) -> None:
+        self.app = app
+        self.admission = admission
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        transport = _predicting_transport(scope["path"]) if scope["type"] == "http" else None
+        if transport is None:
+            await self.app(scope, receive, send)
+            return
+        try:
+            place = self.admission.admit(transport)
+        except OverloadedError as error:
+            headers = [(name.lower().encode(), value.encode()) for name, value in error.headers.items()]
+            await _send_error(send, error.status, error.message, error.reason, headers)
+            return
+        with place:
+            await self.app(scope, receive, send)
+
+
+def _predicting_transport(path: str) -> str | None:
+    if path in JSON_ENDPOINTS:
+        return "http"
+    if path.startswith("/v2/models/") and path.endswith("/infer"):
+        return "oip_rest"
+    return None
+
+
 def _header(scope: Scope, name: bytes) -> str:
     for key, value in scope["headers"]:
         if key == name:
@@ -287,7 +322,11 @@ JSON_REFUSALS: Final = {
     408: {"description": f"The body did not arrive whole within {MAX_BODY_SECONDS} s", **_REFUSAL},
     413: {"description": "The body is over TABSERVE_MAX_BODY_BYTES", **_REFUSAL},
     415: {"description": "The Content-Type is not application/json", **_REFUSAL},
-    503: {"description": "The model is overloaded: retry later", **_REFUSAL},
+    503: {
+        "description": "The service is overloaded: retry after the seconds that Retry-After gives",
+        "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}},
+        **_REFUSAL,
+    },
 }
 
 
@@ -333,7 +372,10 @@ def document_authentication(spec: OpenAPISpecification, access: Callable[[str], 
 
 def error_response(error: ServingError) -> Response:
     return Response(
-        orjson.dumps({"error": error.message}), status_code=error.status, media_type="application/json"
+        orjson.dumps({"error": error.message}),
+        status_code=error.status,
+        headers=error.headers,
+        media_type="application/json",
     )
 
 
@@ -459,7 +501,15 @@ class HeadTooLargeError(Exception):
     pass
 
 
-def limit_request_heads() -> None:
+def serve_http(admission: Admission) -> None:
     """Make uvicorn, which BentoML's workers start after importing the service, serve HTTP/1.1 with
-    `HeadLimitedHttpToolsProtocol`: uvicorn resolves its protocol by this name when its config loads."""
-    uvicorn.protocols.http.auto.AutoHTTPProtocol = HeadLimitedHttpToolsProtocol
+    `HeadLimitedHttpToolsProtocol`, each request going through `AdmissionGate` before anything of BentoML's:
+    uvicorn resolves its protocol by this name when its config loads. (A middleware added to the service
+    runs after BentoML's, whose metrics, tracing and timeout made a refusal cost half of an answer.)"""
+
+    class AdmittingHttpToolsProtocol(HeadLimitedHttpToolsProtocol):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.app = AdmissionGate(self.app, admission)
+
+    uvicorn.protocols.http.auto.AutoHTTPProtocol = AdmittingHttpToolsProtocol

@@ -35,6 +35,7 @@ from models.candidates import candidates
 from models.data import Task
 from models.schema import FeatureSchema
 from models.store import StoredModel
+from serving.admission import Admission
 from serving.arrowlog import ArrowLog
 from serving.dataplane import DataPlane
 from serving.errors import BadInputError
@@ -802,7 +803,7 @@ class Running:
 @pytest.fixture(scope="module")
 def served(new_plane: PlaneFactory, loop: Loop) -> Iterator[Running]:
     plane = new_plane()
-    server = loop.run(start_grpc_server(lambda: plane, "127.0.0.1", 0))
+    server = loop.run(start_grpc_server(lambda: plane, "127.0.0.1", 0, Admission(10**6, 3600)))
     yield Running(f"127.0.0.1:{server.port}", plane, server)
     loop.run(server.stop(grace=1))
 
@@ -960,7 +961,7 @@ def test_unexpected_errors_are_internal_without_details(new_plane: PlaneFactory,
         raise RuntimeError("secret detail")
 
     plane = new_plane(broken)
-    server = loop.run(start_grpc_server(lambda: plane, "127.0.0.1", 0))
+    server = loop.run(start_grpc_server(lambda: plane, "127.0.0.1", 0, Admission(10**6, 3600)))
     try:
         frame, _ = toy_table(2, seed=6)
         error = infer_error(f"127.0.0.1:{server.port}", "toy", triton_inputs(frame))
@@ -982,7 +983,7 @@ def test_stop_drains_in_flight_requests_and_reports_not_serving(
         return toy.probabilities(frame)
 
     plane = new_plane(slow)
-    server = loop.run(start_grpc_server(lambda: plane, "127.0.0.1", 0))
+    server = loop.run(start_grpc_server(lambda: plane, "127.0.0.1", 0, Admission(10**6, 3600)))
     target = f"127.0.0.1:{server.port}"
     frame, _ = toy_table(2, seed=7)
     with ThreadPoolExecutor(2) as pool, grpc.insecure_channel(target) as channel:
@@ -1014,9 +1015,9 @@ def test_port_in_use_is_a_clear_error_and_workers_can_share_a_port(
         taken.listen()
         port = taken.getsockname()[1]
         with pytest.raises(GrpcBindError, match=f"127.0.0.1:{port}"):
-            loop.run(start_grpc_server(lambda: plane, "127.0.0.1", port))
-    first = loop.run(start_grpc_server(lambda: plane, "127.0.0.1", 0))
-    second = loop.run(start_grpc_server(lambda: plane, "127.0.0.1", first.port))
+            loop.run(start_grpc_server(lambda: plane, "127.0.0.1", port, Admission(10**6, 3600)))
+    first = loop.run(start_grpc_server(lambda: plane, "127.0.0.1", 0, Admission(10**6, 3600)))
+    second = loop.run(start_grpc_server(lambda: plane, "127.0.0.1", first.port, Admission(10**6, 3600)))
     try:
         assert second.port == first.port
         assert triton_grpc.InferenceServerClient(f"127.0.0.1:{first.port}").is_server_live()

@@ -27,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from serving.admission import Admission, OverloadedError
 from serving.auth import Access, Gate, Refusal, calling_as, current_caller, presented_key
 from serving.errors import BadInputError, ServingError
 from serving.oip import grpc_predict_v2_pb2 as pb
@@ -38,6 +39,7 @@ logger = logging.getLogger(__name__)
 TRANSPORT: Final = "grpc"
 SERVICE: Final = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 SERVICE_NAME: Final = SERVICE.full_name
+INFER_METHOD: Final = f"/{SERVICE_NAME}/ModelInfer"
 HEALTH_SERVICE_NAME: Final = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 # A batch of thousands of rows of tens of features is a few MiB; gRPC's default limit is 4 MiB.
 MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
@@ -88,7 +90,7 @@ def _translating_errors(handler: _Handler[_Request, _Response]) -> _RawHandler[_
             return await handler(self, _parse(request_type, request_bytes), context)
         except ServingError as error:
             self.current_plane().refused(error, TRANSPORT)
-            await _abort(context, grpc.StatusCode[error.grpc_code], error.message)
+            await _abort(context, grpc.StatusCode[error.grpc_code], error.message, error.grpc_trailers)
         except Exception:
             logger.exception("gRPC %s failed", handler.__name__)
             await _abort(
@@ -172,6 +174,34 @@ class UndecodableIsInvalidArgument(grpc.aio.ServerInterceptor):
                 _streaming(handler.stream_stream, parsed_stream), response_serializer=serializer
             )
         return handler  # stream-unary: no such method here
+
+
+class AdmissionInterceptor(grpc.aio.ServerInterceptor):
+    """Each ModelInfer call admitted by the worker's `Admission` (serving/admission.py), or refused at once
+    with UNAVAILABLE and when to retry in the trailing metadata. The other methods are cheap: not gated."""
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = await continuation(details)
+        if handler is None or details.method != INFER_METHOD:
+            return handler
+        infer, admission = handler.unary_unary, self._admission
+
+        async def admitted(request: Any, context: Any) -> Any:
+            try:
+                place = admission.admit(TRANSPORT)
+            except OverloadedError as error:
+                await _abort(context, grpc.StatusCode.UNAVAILABLE, error.message, error.grpc_trailers)
+            with place:
+                return await infer(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            admitted,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
 
 def _streaming(behavior: Any, requests_of: Callable[[Any, Any], Awaitable[Any]]) -> Any:
@@ -354,15 +384,20 @@ def check_port_free(host: str, port: int) -> None:
 
 
 async def start_grpc_server(
-    current_plane: Callable[[], DataPlane], host: str, port: int, gate: Gate | None = None
+    current_plane: Callable[[], DataPlane],
+    host: str,
+    port: int,
+    admission: Admission,
+    gate: Gate | None = None,
 ) -> GrpcServer:
-    """Serve the data plane that `current_plane` gives (per call) on host:port (port 0: any free port). The
-    port is bound with SO_REUSEPORT, so that several worker processes can share it. `gate`: authentication
-    (serving/auth.py), None when it is off."""
-    # Authentication first: a refused call is not even parsed.
+    """Serve the data plane that `current_plane` gives (per call) on host:port (port 0: any free port),
+    inference calls admitted by `admission`. The port is bound with SO_REUSEPORT, so that several worker
+    processes can share it. `gate`: authentication (serving/auth.py), None when it is off."""
+    # Admission first: a refused call costs as little as it can. Then authentication: a refused call is
+    # not even parsed.
     authentication = [GrpcAuth(gate)] if gate is not None else []
     server = grpc.aio.server(
-        interceptors=[*authentication, UndecodableIsInvalidArgument()],
+        interceptors=[AdmissionInterceptor(admission), *authentication, UndecodableIsInvalidArgument()],
         options=[
             ("grpc.so_reuseport", 1),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

@@ -1,0 +1,126 @@
+"""Admission control at the front of each API worker: a request the worker cannot answer in time is refused
+at once (503 / UNAVAILABLE, retry after a second), before any of its work is done.
+
+Why here and not later: under overload the queue forms in front of the model (in the event loop, decoding
+requests, and in the coalescer), so a deadline checked at the model call (the coalescer's
+`max_wait_seconds`) refuses a request only after the worker has spent most of its cost on it, and the
+requests it accepts wait longer and longer. Refusing at admission costs a few hundred microseconds.
+
+The decision, for every transport (the HTTP middleware in serving/rest.py and the gRPC interceptor in
+serving/oip/grpc_server.py only translate it):
+- at most `max_concurrency` requests in progress in the worker: a bound on the memory they hold whatever
+  the load, and the only bound until the worker has measured itself;
+- the expected time to answer a new request, by Little's law the requests in progress times the measured
+  time per request while busy, at most `max_queue_seconds`. The time per request is measured as busy time
+  (time with at least one request in progress) per answered request, so a quiet worker is not mistaken
+  for a slow one (its answers per second measure its callers, not itself), and under load it includes what
+  refusing costs: the bound adapts to what the worker really achieves.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from types import TracebackType
+
+from serving.errors import UnavailableError
+from serving.metrics import serving_metrics
+
+# Busy seconds over which the time per request is measured; each measure weighs this much in the average.
+WINDOW_SECONDS = 1.0
+SMOOTHING = 0.3
+LONGEST_RETRY_AFTER = 30
+
+
+class OverloadedError(UnavailableError):
+    """Refused at admission: the worker has as much work as it can answer in time."""
+
+
+class Admission:
+    """One per worker process, on its event loop (HTTP and gRPC share it): not thread-safe."""
+
+    def __init__(
+        self,
+        max_concurrency: int,
+        max_queue_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_concurrency = max_concurrency
+        self.max_queue_seconds = max_queue_seconds
+        self._clock = clock
+        self.in_progress = 0
+        self.seconds_per_request: float | None = None  # None until measured
+        self._changed_at = clock()  # when `in_progress` last changed
+        self._busy_seconds = 0.0  # of the current window
+        self._answered = 0  # in the current window
+
+    def expected_seconds(self) -> float:
+        """How long a request admitted now is expected to take: zero until the worker has measured itself."""
+        return (self.in_progress + 1) * (self.seconds_per_request or 0.0)
+
+    def admit(self, transport: str) -> Place:
+        """A place for one request, held until its answer is sent (`with place: ...`); or OverloadedError,
+        counted, if the worker has none."""
+        self._refuse_if_full(transport)
+        self._count_busy_time()
+        self.in_progress += 1
+        return Place(self._leave)
+
+    def _leave(self) -> None:
+        self._count_busy_time()
+        self.in_progress -= 1
+        self._answered += 1
+        self._measure()
+
+    def _refuse_if_full(self, transport: str) -> None:
+        if not self.in_progress:
+            # Nothing ahead of it: the request is as fast as the worker can be. (Also how a worker that
+            # measured itself slow under a burst measures itself again.)
+            return
+        if self.in_progress >= self.max_concurrency:
+            reason = "max_concurrency"
+            problem = f"{self.in_progress} requests are in progress in this worker (the most it takes)"
+        elif (expected := self.expected_seconds()) > self.max_queue_seconds:
+            reason = "max_queue_time"
+            problem = (
+                f"a request would take about {1000 * expected:.0f} ms here, over the "
+                f"{1000 * self.max_queue_seconds:.0f} ms bound"
+            )
+        else:
+            return
+        serving_metrics().shed.labels(transport=transport, reason=reason).inc()
+        # The requests in progress will be answered by then: a retry is then likely to be admitted.
+        retry_after = min(LONGEST_RETRY_AFTER, max(1, math.ceil(self.expected_seconds())))
+        raise OverloadedError(f"the service is overloaded: {problem}; retry later", reason, retry_after)
+
+    def _count_busy_time(self) -> None:
+        now = self._clock()
+        if self.in_progress:
+            self._busy_seconds += now - self._changed_at
+        self._changed_at = now
+
+    def _measure(self) -> None:
+        if self._busy_seconds < WINDOW_SECONDS:
+            return
+        measured = self._busy_seconds / self._answered
+        previous = self.seconds_per_request
+        self.seconds_per_request = (
+            measured if previous is None else previous + SMOOTHING * (measured - previous)
+        )
+        self._busy_seconds, self._answered = 0.0, 0
+
+
+class Place:
+    """A request's place in a worker, left once (when the `with` block ends)."""
+
+    def __init__(self, leave: Callable[[], None]) -> None:
+        self._leave = leave
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, _type: type[BaseException] | None, _error: BaseException | None, _trace: TracebackType | None
+    ) -> None:
+        self._leave()
