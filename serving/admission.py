@@ -21,15 +21,19 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from types import TracebackType
 
 from serving.errors import UnavailableError
 from serving.metrics import serving_metrics
 
-# Busy seconds over which the time per request is measured; each measure weighs this much in the average.
-WINDOW_SECONDS = 1.0
-SMOOTHING = 0.3
+# Busy seconds over which the time per request is measured, and how many such measures count: the best of
+# them. A worker stalled for a moment (a slow call to a model service that was restarting, a machine busy
+# with something else) then does not refuse for long after; a worker that is slower for good is known as
+# such after MEASURES windows.
+WINDOW_SECONDS = 0.5
+MEASURES = 4
 LONGEST_RETRY_AFTER = 30
 
 
@@ -54,6 +58,7 @@ class Admission:
         self._changed_at = clock()  # when `in_progress` last changed
         self._busy_seconds = 0.0  # of the current window
         self._answered = 0  # in the current window
+        self._measures: deque[float] = deque(maxlen=MEASURES)  # busy seconds per answer, latest windows
 
     def expected_seconds(self) -> float:
         """How long a request admitted now is expected to take: zero until the worker has measured itself."""
@@ -103,11 +108,8 @@ class Admission:
     def _measure(self) -> None:
         if self._busy_seconds < WINDOW_SECONDS:
             return
-        measured = self._busy_seconds / self._answered
-        previous = self.seconds_per_request
-        self.seconds_per_request = (
-            measured if previous is None else previous + SMOOTHING * (measured - previous)
-        )
+        self._measures.append(self._busy_seconds / self._answered)
+        self.seconds_per_request = min(self._measures)
         self._busy_seconds, self._answered = 0.0, 0
 
 

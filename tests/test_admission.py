@@ -70,3 +70,14 @@ def test_quiet_time_is_not_counted_as_work() -> None:
             clock.now += WINDOW_SECONDS / 64  # busy
         clock.now += 10.0  # idle between requests
     assert admission.seconds_per_request == WINDOW_SECONDS / 64
+
+
+def test_a_moment_of_stall_does_not_count_once_the_worker_is_fast_again() -> None:
+    clock = Clock()
+    admission = Admission(max_concurrency=1000, max_queue_seconds=0.1, clock=clock)
+    with admission.admit("http"):
+        clock.now += WINDOW_SECONDS  # stalled: one answer in a whole window
+    for _ in range(64):
+        with admission.admit("http"):
+            clock.now += WINDOW_SECONDS / 64  # then 64 answers in the next
+    assert admission.seconds_per_request == WINDOW_SECONDS / 64
