@@ -36,7 +36,7 @@ from models.errors import InputError
 from models.registry import CHAMPION, registry_client, served_model
 from models.schema import RecordValues
 from models.store import StoredModel
-from serving import oip_rest
+from serving import oip_rest, tracing
 from serving.admission import Admission
 from serving.answered import AnsweredIndex
 from serving.arrowlog import ArrowLog
@@ -224,6 +224,7 @@ class DescribedService(bentoml.Service[Any]):
     workers=settings.api_workers,
     traffic={"timeout": 60},
     logging={"access": {"enabled": settings.access_log}},
+    **tracing.bentoml_config(settings),
 )
 @bentoml.asgi_app(extra_routes, path="/")
 class Tabserve:
@@ -234,6 +235,7 @@ class Tabserve:
         runner = bentoml.depends(ModelRunner)
 
     def __init__(self) -> None:
+        tracing.start(settings)
         metrics = serving_metrics()
         self.log = ArrowLog(
             settings.log_dir,
@@ -490,8 +492,9 @@ class Tabserve:
             return records.response()
         plane = self.plane  # once: a swap during the call must not mix two versions in one answer
         try:
-            rows = plane.rows_from_records(records, in_a_list=not one_record)
-            batch = await plane.predict_rows(rows, "http", endpoint, request_id, current_caller())
+            with tracing.request("http"):
+                rows = plane.rows_from_records(records, in_a_list=not one_record)
+                batch = await plane.predict_rows(rows, "http", endpoint, request_id, current_caller())
         except ServingError as error:
             plane.refused(error, "http")
             return error_response(error)

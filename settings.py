@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -207,6 +208,22 @@ class Settings(BaseSettings):
         ge=0.0,
         description="How much worse than on the reference rows the model's metric may be on labelled live "
         "rows, in metric units, before a performance report says degraded.",
+    )
+    # Traces (serving/tracing.py).
+    otlp_endpoint: str | None = Field(
+        default=None,
+        description="OTLP collector that spans per request are exported to: with otlp_protocol http, e.g. "
+        "http://localhost:4318 (/v1/traces is added to a URL without a path); with grpc, e.g. "
+        "http://localhost:4317. Unset: no traces, at no cost.",
+    )
+    otlp_protocol: Literal["http", "grpc"] = Field(
+        default="http", description="OTLP over HTTP (protobuf) or gRPC."
+    )
+    trace_sample_rate: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of requests traced (where the caller sends no sampled trace context of its own).",
     )
 
     @property

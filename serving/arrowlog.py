@@ -53,6 +53,7 @@ import numpy as np
 import pyarrow as pa
 
 from models.schema import Feature, FeatureKind
+from serving import tracing
 from serving.predlog import CountedDrops
 
 logger = logging.getLogger(__name__)
@@ -151,6 +152,7 @@ class AnsweredRequest:
     probabilities: np.ndarray | None
     unknown_categories: list[dict[str, str]]
     caller: str | None = None  # the API key's name; None with auth off
+    trace: tracing.Answered | None = None  # the request's span, when traced
 
 
 def _feature_type(feature: Feature) -> pa.DataType:
@@ -258,6 +260,10 @@ class ArrowLog(CountedDrops):
 
     def _write_batch(self, requests: list[AnsweredRequest]) -> None:
         rows = sum(len(request.labels) for request in requests)
+        with tracing.log_write((request.trace for request in requests), rows):
+            self._write_rows(requests, rows)
+
+    def _write_rows(self, requests: list[AnsweredRequest], rows: int) -> None:
         try:
             batch = requests[0].columns.batch(requests)
         except (KeyError, ValueError, TypeError, pa.ArrowException) as exc:  # never expected; not fatal

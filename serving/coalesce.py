@@ -22,6 +22,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from serving import tracing
+
 ModelCall = Callable[[np.ndarray], Awaitable[np.ndarray]]
 
 
@@ -29,6 +31,7 @@ class Waiting(NamedTuple):
     rows: np.ndarray
     future: asyncio.Future[np.ndarray]
     arrived: float  # time.monotonic()
+    trace: tracing.WaitTrace | None  # its batch.wait span, when the request is traced
 
 
 class WaitTimeoutError(Exception):
@@ -55,7 +58,7 @@ class Coalescer:
 
     async def __call__(self, rows: np.ndarray) -> np.ndarray:
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        self._waiting.append(Waiting(rows, future, time.monotonic()))
+        self._waiting.append(Waiting(rows, future, time.monotonic(), tracing.wait_started()))
         self._start_calls()
         return await future
 
@@ -68,7 +71,7 @@ class Coalescer:
                 batch.append(self._waiting.popleft())
                 size += len(batch[-1].rows)
             self._in_flight += 1
-            task = asyncio.create_task(self._run(batch))
+            task = asyncio.create_task(self._run(batch, tracing.batch_formed((w.trace for w in batch), size)))
             self._tasks.add(task)  # a task nobody references may be garbage-collected mid-flight
             task.add_done_callback(self._tasks.discard)
 
@@ -77,13 +80,16 @@ class Coalescer:
             return
         deadline = time.monotonic() - self._max_wait
         while self._waiting and self._waiting[0].arrived < deadline:
-            future = self._waiting.popleft().future
-            if not future.done():
-                future.set_exception(WaitTimeoutError(f"no model call within {self._max_wait:g} s"))
+            stale = self._waiting.popleft()
+            error = WaitTimeoutError(f"no model call within {self._max_wait:g} s")
+            tracing.wait_ended(stale.trace, error)
+            if not stale.future.done():
+                stale.future.set_exception(error)
 
-    async def _run(self, batch: list[Waiting]) -> None:
+    async def _run(self, batch: list[Waiting], call_span: tracing.Span | None) -> None:
         try:
-            await self._answer(batch)
+            with tracing.model_call(call_span):
+                await self._answer(batch)
         finally:
             self._in_flight -= 1
             self._start_calls()

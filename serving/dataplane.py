@@ -22,6 +22,7 @@ from pydantic import BaseModel
 
 from models.schema import MAX_STORED_CATEGORIES, Feature, FeatureKind, RecordValues, field_names
 from models.store import StoredModel
+from serving import tracing
 from serving.answered import AnsweredIndex
 from serving.arrowlog import AnsweredRequest, ArrowLog, LogColumns
 from serving.errors import BadInputError, ModelNotFoundError, ServingError, UnavailableError
@@ -91,6 +92,7 @@ class DataPlane:
         self.task = model.task
         self.classes = [str(label) for label in model.classes] if model.classes else None
         self.lineage = model.lineage
+        self._trace_attributes = tracing.model_attributes(self.lineage)
         self._call_model = call_model
         self.scorer = scorer  # what scores the rows, and why (serving/model.py planned_scorer)
         # Rows are 2-D arrays in schema column order, never DataFrames: building a frame per request costs
@@ -262,6 +264,8 @@ class DataPlane:
                 "(letters, digits, punctuation)",
                 "invalid_request_id",
             )
+        request_id = request_id or uuid.uuid4().hex
+        tracing.decoded(request_id, len(rows), self._trace_attributes)
         outputs = np.asarray(await self._call_model(rows))
         if not np.isfinite(outputs).all():
             bad_row = int(np.flatnonzero(~np.isfinite(outputs.reshape(len(rows), -1)).all(axis=1))[0]) + 1
@@ -276,7 +280,7 @@ class DataPlane:
         else:
             labels, probabilities = outputs.reshape(-1).tolist(), None
         batch = PredictionBatch(
-            request_id=request_id or uuid.uuid4().hex,
+            request_id=request_id,
             labels=labels,
             probabilities=probabilities,
             classes=self.classes,
@@ -374,6 +378,7 @@ class DataPlane:
                 labels=batch.labels,
                 probabilities=batch.probabilities,
                 unknown_categories=batch.unknown_categories,
+                trace=tracing.answered(),
             )
         )
         if self._answered is not None:

@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from serving import tracing
 from serving.auth import current_caller
 from serving.dataplane import DataPlane
 from serving.errors import BadInputError, ServingError
@@ -59,15 +60,17 @@ def routes(current_plane: Callable[[], DataPlane]) -> list[Route]:
         started = time.perf_counter()
         plane = current_plane()
         try:
-            plane.check_model(request.path_params["model"], request.path_params.get("version"))
-            header_length = request.headers.get(HEADER_LENGTH)
-            # isdigit() alone accepts digits int() refuses, such as '²'.
-            if header_length is not None and not (header_length.isascii() and header_length.isdigit()):
-                raise BadInputError(
-                    f"{HEADER_LENGTH} must be a byte count, got '{header_length}'", "binary_length"
-                )
-            decoded = decode_rest_request(await request.body(), int(header_length) if header_length else None)
-            outputs, request_id = await plane.infer(decoded, TRANSPORT, current_caller())
+            with tracing.request(TRANSPORT):
+                plane.check_model(request.path_params["model"], request.path_params.get("version"))
+                header_length = request.headers.get(HEADER_LENGTH)
+                # isdigit() alone accepts digits int() refuses, such as '²'.
+                if header_length is not None and not (header_length.isascii() and header_length.isdigit()):
+                    raise BadInputError(
+                        f"{HEADER_LENGTH} must be a byte count, got '{header_length}'", "binary_length"
+                    )
+                length = int(header_length) if header_length else None
+                decoded = decode_rest_request(await request.body(), length)
+                outputs, request_id = await plane.infer(decoded, TRANSPORT, current_caller())
         except ServingError as error:
             return _error(plane, error)
         body, headers = encode_rest_response(

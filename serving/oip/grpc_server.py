@@ -27,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from serving import tracing
 from serving.admission import Admission, OverloadedError
 from serving.auth import Access, Gate, Refusal, calling_as, current_caller, presented_key
 from serving.errors import BadInputError, ServingError
@@ -331,11 +332,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         started = time.perf_counter()
         plane = self.current_plane()
-        plane.check_model(request.model_name, request.model_version or None)
-        outputs, request_id = await plane.infer(decode_grpc_request(request), TRANSPORT, current_caller())
-        response = encode_grpc_response(
-            plane.name, plane.version, request_id, outputs, raw=bool(request.raw_input_contents)
-        )
+        # The request's span starts once the message is parsed (`_translating_errors`): its decode span is
+        # the tensors' decoding and the values' validation.
+        with tracing.grpc_request(TRANSPORT, INFER_METHOD, context.invocation_metadata()):
+            plane.check_model(request.model_name, request.model_version or None)
+            outputs, request_id = await plane.infer(decode_grpc_request(request), TRANSPORT, current_caller())
+            response = encode_grpc_response(
+                plane.name, plane.version, request_id, outputs, raw=bool(request.raw_input_contents)
+            )
         plane.observe(TRANSPORT, "infer", started)
         return response
 
