@@ -9,7 +9,7 @@ export OMP_NUM_THREADS ?= 1
 # Use the system's CA store, so that PyPI works behind a TLS-intercepting proxy too.
 export UV_NATIVE_TLS ?= 1
 
-.PHONY: setup train serve build test lint format clean drift-report simulate drift-bench containerize smoke dashboard loadtest bench bench-quick bench-swap bench-scorers profile fuzz
+.PHONY: setup train serve build test lint format clean drift-report simulate drift-bench containerize smoke dashboard loadtest bench bench-quick bench-swap bench-scorers profile fuzz soak
 
 setup: .venv/.synced
 
@@ -107,6 +107,15 @@ bench-swap: setup
 # cases, the server tree's memory before and after; writes loadtests/results/fuzz.json; fails on any failure.
 fuzz: setup
 	$(PY) -m loadtests.fuzz
+
+# Every transport together at SOAK_SHARE of its measured peak for SOAK_MINUTES (not in CI): fails on any error,
+# resident memory growing over 5% after the warm-up, or a prediction log short of the answered requests;
+# figures in loadtests/results/soak.json (~12 min with the defaults).
+SOAK_MINUTES ?= 10
+SOAK_SHARE ?= 0.7
+soak: setup
+	$(PY) train.py --if-missing
+	$(PY) -m loadtests.soak --minutes $(SOAK_MINUTES) --share $(SOAK_SHARE)
 
 # Where the workers' CPU goes under load (py-spy): TRANSPORT=http|oip-rest|grpc, ROWS=1|1000.
 TRANSPORT ?= grpc

@@ -86,14 +86,46 @@ def wrk(url: str, body: Path, content_type: str, connections: int, seconds: floa
 
 
 def h2load(
-    target: str, body: Path, connections: int, seconds: float, log_file: Path, answer_bytes: int
+    target: str,
+    body: Path,
+    connections: int,
+    seconds: float,
+    log_file: Path,
+    answer_bytes: int,
+    rps: int | None = None,
 ) -> Measurement:
-    """Send the framed gRPC message in `body` as ModelInfer calls to `target` (host:port) for `seconds`.
+    """Send the framed gRPC message in `body` as ModelInfer calls to `target` (host:port) for `seconds`;
+    with `rps`, each connection sends at most that many calls a second (paced load).
 
     h2load sees HTTP status codes, not the grpc-status trailer: a failed call is a 200 with an empty body.
     `answer_bytes` is the size of a successful answer as framed on the wire (seen beforehand with a real
     client; one body always gets the same answer); every 200 short of that much DATA counts as an error.
     """
+    url = f"http://{target}{rows.MODEL_INFER_PATH}"
+    pace = [f"--rps={rps}"] if rps is not None else []
+    return _h2load(url, body, GRPC_HEADERS, pace, connections, seconds, log_file, answer_bytes)
+
+
+def h2load_http(
+    url: str, body: Path, content_type: str, connections: int, rps: int, seconds: float, log_file: Path
+) -> Measurement:
+    """POST `body` to `url` over HTTP/1.1 keep-alive connections for `seconds`, each connection at most
+    `rps` requests a second: paced load, which wrk cannot send (wrk2, which can, is not packaged here).
+    Every answer that is not 2xx counts as an error."""
+    headers = [f"content-type: {content_type}"]
+    return _h2load(url, body, headers, ["--h1", f"--rps={rps}"], connections, seconds, log_file, None)
+
+
+def _h2load(
+    url: str,
+    body: Path,
+    headers: list[str],
+    options: list[str],
+    connections: int,
+    seconds: float,
+    log_file: Path,
+    answer_bytes: int | None,
+) -> Measurement:
     log_file.unlink(missing_ok=True)  # h2load appends to an existing log
     output, cpu = _run(
         [
@@ -102,22 +134,24 @@ def h2load(
             f"-c{connections}",
             "-m1",  # one call in flight per connection, as a blocking client does
             f"-D{seconds}",
+            *options,
             "-d",
             str(body),
-            *[option for header in GRPC_HEADERS for option in ("-H", header)],
+            *[option for header in headers for option in ("-H", header)],
             f"--log-file={log_file}",
-            f"http://{target}{rows.MODEL_INFER_PATH}",
+            url,
         ],
         seconds,
     )
     finished = _search(r"finished in ([\d.]+)s", output)
     counts = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded", output)
-    data = _search(r"traffic: .* \((\d+)\) data", output)
     if counts is None:
         raise GeneratorError(f"unexpected h2load output:\n{output}")
     done, succeeded = int(counts.group(2)), int(counts.group(3))
-    answered = round(data / answer_bytes)
-    errors = (done - succeeded) + max(0, succeeded - answered)
+    errors = done - succeeded
+    if answer_bytes is not None:
+        answered = round(_search(r"traffic: .* \((\d+)\) data", output) / answer_bytes)
+        errors += max(0, succeeded - answered)
     durations = [
         int(fields[2]) / 1000
         for fields in (line.split("\t") for line in log_file.read_text().splitlines())

@@ -85,10 +85,13 @@ def tabserve(http_port: int, grpc_port: int, log_dir: Path, **env: str) -> Launc
             TABSERVE_GRPC_HOST=LOOPBACK,
             TABSERVE_GRPC_PORT=str(grpc_port),
             TABSERVE_PREDICTION_LOG_DIR=str(log_dir),
-            TABSERVE_PREDICTION_LOG_MAX_BYTES=str(LOG_MAX_BYTES),
-            TABSERVE_PREDICTION_LOG_BACKUPS=str(LOG_BACKUPS),
             BENTOML_HOME=home,
-            **env,
+            # `env` may keep more of the log (the soak counts every row).
+            **{
+                "TABSERVE_PREDICTION_LOG_MAX_BYTES": str(LOG_MAX_BYTES),
+                "TABSERVE_PREDICTION_LOG_BACKUPS": str(LOG_BACKUPS),
+                **env,
+            },
         ),
         cwd=PROJECT_ROOT,
         url=f"http://{LOOPBACK}:{http_port}",

@@ -142,6 +142,39 @@ def test_wrk_and_h2load_measure_the_service(
 
 
 @needs_generators
+def test_h2load_paces_http_and_grpc(
+    server: Server, stored: StoredModel, one_row: Any, tmp_path: Path
+) -> None:
+    """The soak's paced load (loadtests/soak.py): each connection sends at most `rps` requests a second, and
+    a 4xx over HTTP/1.1 counts as an error."""
+    predict = bench.http_predict("tabserve", server.url, one_row, CLASSES)
+    infer = bench.oip_grpc("tabserve", server.grpc_target, stored, one_row, "probabilities", raw=True)
+    answer_bytes = endpoints.check(infer, stored.predict(one_row).probabilities)
+    (tmp_path / "predict.json").write_bytes(predict.wire_body)
+    (tmp_path / "infer.bin").write_bytes(infer.wire_body)
+    (tmp_path / "bad.json").write_bytes(b"{}")
+    connections, rps, seconds = 2, 10, 2
+    log = tmp_path / "log.tsv"
+    paced = [
+        generators.h2load_http(
+            predict.address, tmp_path / "predict.json", "application/json", connections, rps, seconds, log
+        ),
+        generators.h2load(
+            infer.address, tmp_path / "infer.bin", connections, seconds, log, answer_bytes, rps
+        ),
+    ]
+    for measured in paced:
+        assert measured.errors == 0
+        # At most the paced number, give or take the first second's requests; far below the closed loop's.
+        assert connections * rps * (seconds - 1) <= measured.requests <= connections * rps * (seconds + 1)
+    refused = generators.h2load_http(
+        predict.address, tmp_path / "bad.json", "application/json", 1, rps, 1, log
+    )
+    assert refused.requests > 0
+    assert refused.errors == refused.requests
+
+
+@needs_generators
 def test_h2load_counts_failed_grpc_calls_as_errors(
     server: Server, stored: StoredModel, one_row: Any, tmp_path: Path
 ) -> None:
