@@ -3,8 +3,9 @@ the coalescer, the in-process model call, the Arrow log's thread) with the defau
 
     .venv/bin/python -m loadtests.trace_cost [--requests 4000] [--concurrency 32]
 
-Three modes, each in CPU microseconds of the whole process per request (the log's thread and the span
-exporter's thread included) and in wall time:
+First what the hooks cost a request when off, called alone in a loop (nanoseconds); then three modes, each
+in CPU microseconds of the whole process per request (the log's thread and the span exporter's thread
+included) and in wall time:
     off        no endpoint: what every request pays (the hooks return at their first line)
     root only  a sampled span per request and nothing of ours: what BentoML's HTTP span costs, for scale
     on         that span and ours (decode, batch.wait, model.call, log.write), encoded as the OTLP exporter
@@ -102,11 +103,28 @@ def measure(
     return {"cpu_us": cpu / requests * 1e6, "wall_us": wall / requests * 1e6, "spans": exporter.spans}
 
 
+def hooks_off_ns(calls: int = 200_000) -> float:
+    """Every hook one request and its share of a batch pass through, with tracing off."""
+    assert tracing._tracer is None
+    model = dict.fromkeys(tracing.MODEL_ATTRIBUTES.values(), "x")
+    started = time.perf_counter_ns()
+    for _ in range(calls):
+        with tracing.request("http"):
+            tracing.decoded("id", 1, model)
+            wait = tracing.wait_started()
+            with tracing.model_call(tracing.batch_formed((wait,), 1)):
+                pass
+            with tracing.log_write((tracing.answered(),), 1):
+                pass
+    return (time.perf_counter_ns() - started) / calls
+
+
 def main(
     requests: Annotated[int, typer.Option(help="requests per measurement")] = 4000,
     concurrency: Annotated[int, typer.Option(help="requests in flight together")] = 32,
 ) -> None:
     """Per-request cost of the traces, off and on."""
+    print(f"hooks, off: {hooks_off_ns():.0f} ns/request")
     model = served_model(get_settings())[0]
     rows = model.schema.prepare(held_out()).to_numpy(dtype=np.float64)
     results: dict[str, list[dict[str, float]]] = {"off": [], "root only": [], "on": []}
