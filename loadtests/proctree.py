@@ -6,6 +6,7 @@ MLServer run a supervisor and workers. A figure for the root process alone would
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from pathlib import Path
@@ -70,6 +71,18 @@ def rss_bytes(root: int) -> int:
         except (FileNotFoundError, ProcessLookupError):
             continue
     return total
+
+
+def runqueue_wait_seconds(root: int) -> float:
+    """How long the tree's threads have waited, ready to run, for a core (the kernel's run delay): where the
+    machine is shared, time a server lost to other processes rather than to its own work."""
+    waited = 0
+    for pid in tree(root):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            for task in (PROC / str(pid) / "task").iterdir():
+                with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                    waited += int((task / "schedstat").read_text().split()[1])
+    return waited / 1e9
 
 
 class PeakRss:

@@ -9,8 +9,9 @@
    `make bench` sends), then measures each one's peak alone: closed-loop, 32 connections (wrk for HTTP,
    h2load for gRPC), after a warm-up.
 3. Drives all three together, each paced at `share / 3` of its own peak (h2load `--rps`, HTTP/1.1 for the
-   HTTP transports), so that together they ask for `share` of the server's capacity; meanwhile samples the
-   server's resident memory (whole process tree) every few seconds.
+   HTTP transports), so that together they ask for `share` of the server's capacity; meanwhile samples, every
+   few seconds, the server's resident memory (whole process tree), how long its threads waited for a core,
+   and the load average: on a shared machine, what tells the server's own stalls from the machine's.
 4. Checks, and fails (exit 1) unless all hold:
    - no errors: the generators saw only 2xx (and, for gRPC, whole answers), the server refused nothing
      (tabserve_validation_errors_total: bad input, and 503 "overloaded" when a request waited longer than
@@ -50,7 +51,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 PEAK = bench.Plan(connections=[32], warmup_seconds=3, measure_seconds=10, in_process_seconds=0)
 # Connections per transport under paced load: few enough to stay keep-alive, enough to absorb a slow answer.
 PACED_CONNECTIONS = 8
-RSS_INTERVAL_SECONDS = 5
+SAMPLE_SECONDS = 5
 RSS_SAMPLES_COMPARED = 3  # medians of this many samples at the end of the warm-up and at the end
 WARMUP_SHARE, MAX_WARMUP_SECONDS = 0.2, 120
 MAX_RSS_GROWTH = 0.05
@@ -77,6 +78,14 @@ class Paced:
     p99_ms: float = 0.0
 
 
+@dataclass(frozen=True)
+class Sample:
+    at: float
+    rss_mib: float
+    load_average: float
+    runqueue_wait: float
+
+
 @dataclass
 class Result:
     date: str
@@ -86,7 +95,9 @@ class Result:
     load_average_end: list[float] = field(default_factory=list)
     transports: list[Paced] = field(default_factory=list)
     refused: int = 0  # tabserve_validation_errors_total during the run
-    rss_samples_mib: list[tuple[float, float]] = field(default_factory=list)  # (seconds into the run, MiB)
+    # Every few seconds: seconds into the run, the tree's resident MiB, the machine's 1-minute load average,
+    # and the cores' worth of time the server's threads waited for a core since the previous sample.
+    samples: list[Sample] = field(default_factory=list)
     warmup_seconds: float = 0.0
     rss_after_warmup_mib: float = 0.0
     rss_end_mib: float = 0.0
@@ -137,7 +148,7 @@ def main(
             f"soak: {minutes:g} min, every transport together at {share:.0%} of the peak (load average "
             f"{result.load_average_start[0]:.2f})"
         )
-        with _RssSampler(server.pid, RSS_INTERVAL_SECONDS) as rss:
+        with _Sampler(server.pid, SAMPLE_SECONDS) as sampler:
             _drive(chosen, answer_bytes, result.transports, round(minutes * 60), workdir)
         time.sleep(1)  # the last answers' counts
         after = _scrape(launch.url)
@@ -146,7 +157,7 @@ def main(
         final = _scrape(launch.url)
     # Stopped: each worker has written its queued rows and closed its log.
     result.load_average_end = _load_average()
-    result.rss_samples_mib = [(round(at, 1), round(size / 2**20, 1)) for at, size in rss.samples]
+    result.samples = sampler.samples
     for paced in result.transports:
         labels = SERVER_COUNTS[paced.transport]
         paced.answered = round(
@@ -220,7 +231,7 @@ def judge(result: Result, seconds: float) -> None:
     if result.refused:
         result.failures.append(f"{result.refused} requests refused by the server")
     result.warmup_seconds = min(MAX_WARMUP_SECONDS, WARMUP_SHARE * seconds)
-    after_warmup = [size for at, size in result.rss_samples_mib if at >= result.warmup_seconds]
+    after_warmup = [sample.rss_mib for sample in result.samples if sample.at >= result.warmup_seconds]
     if len(after_warmup) < 2 * RSS_SAMPLES_COMPARED:
         result.failures.append(f"too few memory samples after the warm-up ({len(after_warmup)})")
     else:
@@ -247,8 +258,13 @@ def summary(result: Result) -> str:
             f"achieved {paced.achieved_rps:6.1f}  p50 {paced.p50_ms:6.1f} ms  p99 {paced.p99_ms:6.1f} ms  "
             f"sent {paced.sent}  answered {paced.answered}  errors {paced.generator_errors}"
         )
+    loads = [sample.load_average for sample in result.samples]
+    waits = [sample.runqueue_wait for sample in result.samples]
     lines += [
         f"  refused by the server: {result.refused}",
+        f"  machine: load average {min(loads, default=0):.2f}-{max(loads, default=0):.2f} (median "
+        f"{statistics.median(loads or [0]):.2f}); the server's threads waited for a core "
+        f"{statistics.median(waits or [0]):.2f} cores' worth (median), {max(waits, default=0):.2f} at most",
         f"  resident memory (process tree): {result.rss_after_warmup_mib:.1f} MiB after the warm-up "
         f"({result.warmup_seconds:.0f} s), {result.rss_end_mib:.1f} MiB at the end: {result.rss_growth:+.2%}",
         f"  prediction log: {result.log_rows} rows; answered {result.answered_rows}; "
@@ -258,16 +274,16 @@ def summary(result: Result) -> str:
     return "\n".join(lines)
 
 
-class _RssSampler:
-    """The server tree's resident memory every `interval` seconds, with the time into the run."""
+class _Sampler:
+    """The server tree's resident memory and run-queue wait, and the load average, every `interval` s."""
 
     def __init__(self, root: int, interval: float) -> None:
         self.root, self.interval = root, interval
-        self.samples: list[tuple[float, int]] = []
+        self.samples: list[Sample] = []
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="soak-rss", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="soak-sampler", daemon=True)
 
-    def __enter__(self) -> _RssSampler:
+    def __enter__(self) -> _Sampler:
         self._started = time.monotonic()
         self._thread.start()
         return self
@@ -277,8 +293,16 @@ class _RssSampler:
         self._thread.join()
 
     def _run(self) -> None:
+        waited = proctree.runqueue_wait_seconds(self.root)
         while not self._stop.wait(self.interval):
-            self.samples.append((time.monotonic() - self._started, proctree.rss_bytes(self.root)))
+            previous, waited = waited, proctree.runqueue_wait_seconds(self.root)
+            sample = Sample(
+                at=round(time.monotonic() - self._started, 1),
+                rss_mib=round(proctree.rss_bytes(self.root) / 2**20, 1),
+                load_average=round(os.getloadavg()[0], 2),
+                runqueue_wait=round((waited - previous) / self.interval, 3),
+            )
+            self.samples.append(sample)
 
 
 def _scrape(url: str) -> list[tuple[str, dict[str, str], float]]:
