@@ -127,6 +127,9 @@ QUIET_SECONDS = 2.0
 # How long a swapped-out version's model thread is kept for the calls that took it before the swap: as long
 # as a request may take.
 SWAP_GRACE_SECONDS = 60
+# How long a client refused because the model service is unreachable is asked to wait: about the time
+# BentoML takes to restart a killed one (~5 s here).
+MODEL_SERVICE_RETRY_SECONDS = 5
 # How often the latest drift report (written by `python -m drift report`) is read into /metrics.
 DRIFT_REFRESH_SECONDS = 30
 
@@ -195,7 +198,9 @@ extra_routes = FastAPI(
     routes=[
         model_info_route(lambda: bentoml.get_current_service().model_info()),
         feedback_route(current_feedback, settings.feedback_max_items),
-        predict_file_route(current_plane, settings.max_upload_bytes, settings.file_chunk_rows),
+        predict_file_route(
+            current_plane, settings.max_upload_bytes, settings.file_chunk_rows, settings.upload_idle_seconds
+        ),
         *oip_rest.routes(current_plane),
     ],
     openapi_url=None,
@@ -248,7 +253,7 @@ class Tabserve:
             self._coalesced = Coalescer(
                 self._call_batched,
                 max_rows=settings.max_batch_rows,
-                shared_errors=(ServiceUnavailable, aiohttp.ClientError),
+                shared_errors=(ServiceUnavailable, UnavailableError),
             )
         self.answered = AnsweredIndex(
             settings.log_dir,
@@ -418,12 +423,32 @@ class Tabserve:
 
     @staticmethod
     async def _call_runner(method: Any, rows: np.ndarray) -> np.ndarray:
-        # The client pools keep-alive connections that the model service's server may close when idle;
-        # a call that meets such a connection never reached the model, so it is safe to send it again.
+        """A call to the model service, or UnavailableError (503 / UNAVAILABLE) when it cannot be reached or
+        gives no answer in time. A model service that is down but not dead (stopped, hung, or its port held
+        by BentoML while a new process starts) still accepts connections, and BentoML's client would wait
+        its 60 s: the request's own 60 s timeout would answer 504 first."""
+        seconds = settings.model_service_timeout_seconds
         try:
-            result: np.ndarray = await method(rows)
-        except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
-            result = await method(rows)
+            async with asyncio.timeout(seconds):
+                try:
+                    result: np.ndarray = await method(rows)
+                except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
+                    # The client pools keep-alive connections that the model service's server may close
+                    # when idle; a call that meets such a connection never reached the model, so it is safe
+                    # to send it again.
+                    result = await method(rows)
+        except TimeoutError:
+            raise UnavailableError(
+                f"the model service is unreachable: no answer within {seconds:g} s; retry later",
+                "model_service_unreachable",
+                MODEL_SERVICE_RETRY_SECONDS,
+            ) from None
+        except aiohttp.ClientError as error:
+            raise UnavailableError(
+                f"the model service is unreachable ({type(error).__name__}); retry later",
+                "model_service_unreachable",
+                MODEL_SERVICE_RETRY_SECONDS,
+            ) from None
         return result
 
     def _begin_drain(self) -> None:
@@ -511,4 +536,4 @@ if gate is not None:  # first: the outermost of ours, so a refused request's bod
 Tabserve.add_asgi_middleware(  # type: ignore[attr-defined]
     HttpLimits, max_body_bytes=settings.max_body_bytes, max_upload_bytes=settings.max_upload_bytes
 )
-serve_http(admission)
+serve_http(admission, settings.head_timeout_seconds)

@@ -149,6 +149,27 @@ class Settings(BaseSettings):
         default=10_000, ge=1, description="Most records in one /predict_batch call."
     )
     max_body_bytes: int = Field(default=64 * 2**20, ge=1024, description="Largest request body (413 above).")
+    # Slow clients (serving/rest.py): each is held to a deadline, and refused with 408 (never a 5xx) or
+    # disconnected, so that it cannot hold a connection and a worker's memory for nothing. Settings rather
+    # than constants so that tests can wait out short ones.
+    head_timeout_seconds: float = Field(
+        default=10,
+        gt=0,
+        description="How long a request's line and headers may take to arrive whole, from the connection's "
+        "opening or the previous response: 408 and close when part of them came, close when nothing did.",
+    )
+    upload_idle_seconds: float = Field(
+        default=30,
+        gt=0,
+        description="Longest /predict_file waits for the next piece of an upload (408 after it): a large "
+        "file that keeps arriving takes as long as it needs.",
+    )
+    model_service_timeout_seconds: float = Field(
+        default=10,
+        gt=0,
+        description="With TABSERVE_MODEL_SERVICE: how long a call to the model service may take before the "
+        "request gets 503 (model service unreachable), below BentoML's 60 s request timeout (504).",
+    )
     prediction_log_dir: Path | None = Field(
         default=None, description="Where the prediction log goes. Default: <data_dir>/predictions."
     )

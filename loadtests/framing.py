@@ -2,17 +2,19 @@
 sends them, which no HTTP client library would write (chunked bodies with bad sizes or no end, heads over
 the limit, bodies shorter or longer than their Content-Length, bad versions and methods, trickled bytes).
 
-    run_cases(url, max_body_bytes, long=False)
+    run_cases(url, max_body_bytes, deadlines=Deadlines(), long=False)
 
 Each case passes when the server answers with a status the case allows (a 4xx, or 200 for a valid request
 framed in an unusual way) or closes the connection where the case allows that, never a 5xx, never hangs;
-and a valid request right after is answered 200. `long=True` (`make fuzz`) waits for the server's own
-timeouts and holds more connections; the bounded cases (tests/test_fuzz_framing.py, in CI) take seconds.
+and a valid request right after is answered 200. The cases of slow clients wait out the server's deadlines
+(`Deadlines`: short on the test server). `long=True` (`make fuzz`) also waits out the body's 30 s deadline
+and holds more connections; the bounded cases (tests/test_fuzz_framing.py, in CI) take seconds.
 Shared by tests/test_fuzz_framing.py and `make fuzz` (loadtests/fuzz.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import select
 import socket
 import time
@@ -25,9 +27,12 @@ import orjson
 
 from models.data import load_default
 from serving.rest import MAX_BODY_SECONDS, MAX_HEAD_BYTES
+from settings import Settings
 
 # How long a case waits for an answer it expects now: far above a loopback answer, far below a hang.
 ANSWER_SECONDS = 10.0
+# How late after its deadline the server may act on it (a timer on a busy event loop, a shared machine).
+DEADLINE_MARGIN = 3.0
 OIP_INFER = "/v2/models/breast_cancer/infer"
 POST_ROUTES = ("/predict", "/predict_batch", "/predict_file", "/feedback")
 CLIENT_ERRORS = frozenset(range(400, 500))
@@ -41,6 +46,15 @@ class Answer:
     headers: list[dict[str, str]] = field(default_factory=list)
     closed: bool = False  # the server closed the connection (or reset it)
     waited_out: bool = False  # nothing more came within the wait
+    problem: str | None = None  # what the case saw go wrong besides the answers (e.g. others not served)
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    """The server's deadlines for slow clients (settings.py), which some cases wait out."""
+
+    head_seconds: float = Settings.model_fields["head_timeout_seconds"].default
+    upload_idle_seconds: float = Settings.model_fields["upload_idle_seconds"].default
 
 
 @dataclass(frozen=True)
@@ -73,14 +87,17 @@ class CaseResult:
 class Target:
     """The server under test and the valid requests the cases frame."""
 
-    def __init__(self, url: str, max_body_bytes: int) -> None:
+    def __init__(self, url: str, max_body_bytes: int, deadlines: Deadlines) -> None:
         parts = urlsplit(url)
         assert parts.hostname is not None
         assert parts.port is not None
         self.address = (parts.hostname, parts.port)
         self.max_body_bytes = max_body_bytes
-        row = load_default().features.iloc[0]
+        self.deadlines = deadlines
+        features = load_default().features
+        row = features.iloc[0]
         self.record = orjson.dumps({str(name): float(value) for name, value in row.items()})
+        self.csv = features.head(200).to_csv(index=False).encode()
 
     def connect(self) -> socket.socket:
         sock = socket.create_connection(self.address, timeout=ANSWER_SECONDS)
@@ -191,7 +208,7 @@ def stream_until_answered(target: Target, head: bytes, piece: bytes, most_bytes:
 def trickle(target: Target, head: bytes, body: bytes, piece: int, interval: float, seconds: float) -> Answer:
     """`head` at once, then `body`, `piece` bytes every `interval` seconds for at most `seconds` (stopping
     at the server's answer), with a valid request on a connection of its own every 10 pieces: each of those
-    must be answered 200 meanwhile, or the answer carries a -1 status."""
+    must be answered 200 meanwhile."""
     with target.connect() as sock:
         sock.sendall(head)
         started = time.monotonic()
@@ -207,9 +224,14 @@ def trickle(target: Target, head: bytes, body: bytes, piece: int, interval: floa
                 served_meanwhile.append(valid_status(target))
             time.sleep(interval)
         answer = read_answers(sock, 1)
-        if any(status != 200 for status in served_meanwhile):
-            answer.statuses.append(-1)
+        answer.problem = not_served(served_meanwhile)
         return answer
+
+
+def not_served(statuses: list[int]) -> str | None:
+    """What went wrong with the valid requests sent while a case held the server, if anything."""
+    failed = [status for status in statuses if status != 200]
+    return f"other clients were not served meanwhile: {failed}" if failed else None
 
 
 def _readable(sock: socket.socket) -> bool:
@@ -404,25 +426,6 @@ def connection_cases(long: bool) -> list[Case]:
             return trickle(t, head, t.record, 1, 1.0, MAX_BODY_SECONDS + 15)
         return trickle(t, head, t.record, 20, 0.05, 10)  # whole in a few seconds: answered
 
-    def slowloris(t: Target) -> Answer:
-        """Many connections each holding an unfinished head, a header line now and then; others are still
-        served meanwhile. The held connections are then closed by the client."""
-        count, rounds = (200, 10) if long else (40, 3)
-        held = [t.connect() for _ in range(count)]
-        answer = Answer()
-        try:
-            for sock in held:
-                sock.sendall(b"POST /predict HTTP/1.1\r\nHost: fuzz\r\n")
-            for index in range(rounds):
-                for sock in held:
-                    sock.sendall(b"X-Slow-%d: 1\r\n" % index)
-                answer.statuses.append(valid_status(t))
-                time.sleep(0.5)
-        finally:
-            for sock in held:
-                sock.close()
-        return answer
-
     # The long run trickles longer than the server waits for a body: 408 (serving/rest.py).
     slow = Expect(frozenset({408})) if long else OK
     return [
@@ -432,11 +435,134 @@ def connection_cases(long: bool) -> list[Case]:
             Expect(frozenset({200}), may_close=False, answers=3),
         ),
         ("slow body, a byte at a time", slow_body, slow),
+    ]
+
+
+def deadline_cases(long: bool) -> list[Case]:
+    """Clients too slow with their heads: each is closed by the head deadline (serving/rest.py), with 408
+    when it sent part of a head; clients in time, and keep-alive between requests, are not disturbed."""
+
+    def slowloris(t: Target) -> Answer:
+        """Many connections each holding an unfinished head, a header line every half second: each must
+        be answered 408 and closed within the head deadline (plus a margin), while valid requests on other
+        connections are answered 200 meanwhile. The answer's statuses: those of the held connections."""
+        held = [t.connect() for _ in range(200 if long else 40)]
+        closed_by = time.monotonic() + t.deadlines.head_seconds + DEADLINE_MARGIN
+        answer, served_meanwhile, left_open = Answer(), [], 0
+        try:
+            for sock in held:
+                sock.sendall(b"POST /predict HTTP/1.1\r\nHost: fuzz\r\n")
+            line = 0
+            while held and time.monotonic() < closed_by:
+                for sock in list(held):
+                    if _readable(sock):  # answered: read the answer, and the connection must close
+                        ended = read_answers(sock, 2, wait=1.0)
+                        answer.statuses += ended.statuses or [0]
+                        left_open += not ended.closed
+                        held.remove(sock)
+                        sock.close()
+                        continue
+                    with contextlib.suppress(ConnectionError):  # closed as written to: read next round
+                        sock.sendall(b"X-Slow-%d: 1\r\n" % line)
+                served_meanwhile.append(valid_status(t))
+                line += 1
+                time.sleep(0.5)
+        finally:
+            for sock in held:
+                sock.close()
+        answer.closed = not held and not left_open
+        late = f"{len(held)} held connections unanswered and {left_open} answered but left open"
+        answer.problem = not_served(served_meanwhile) or (None if answer.closed else late)
+        return answer
+
+    def silent(t: Target) -> Answer:
+        """A connection that sends nothing: closed, with no answer, within the head deadline."""
+        with t.connect() as sock:
+            return read_answers(sock, 1, wait=t.deadlines.head_seconds + DEADLINE_MARGIN)
+
+    def keep_alive(t: Target) -> Answer:
+        """Two requests on one connection, the second a second after the first answer (within uvicorn's
+        5 s keep-alive and the head deadline): both answered."""
+        with t.connect() as sock:
+            sock.sendall(t.valid())
+            first = read_answers(sock, 1)
+            time.sleep(1.0)
+            sock.sendall(t.valid())
+            second = read_answers(sock, 1)
+            return Answer(first.statuses + second.statuses, closed=second.closed)
+
+    def head_in_pieces(t: Target) -> Answer:
+        """A head sent in three pieces over most of the deadline: answered, the deadline is the whole
+        head's, not a piece's."""
+        with t.connect() as sock:
+            data = t.valid()
+            third = len(data) // 3
+            pause = t.deadlines.head_seconds / 4
+            for piece in (data[:third], data[third : 2 * third], data[2 * third :]):
+                sock.sendall(piece)
+                time.sleep(pause)
+            return read_answers(sock, 1)
+
+    def late_second_head(t: Target) -> Answer:
+        """A request answered, then part of the next head and nothing more: the deadline starts again at
+        the response; the unfinished head gets 408 and the connection closes."""
+        with t.connect() as sock:
+            sock.sendall(t.valid())
+            answer = read_answers(sock, 1)
+            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: fuzz\r\n")
+            late = read_answers(sock, 2, wait=t.deadlines.head_seconds + DEADLINE_MARGIN)
+            return Answer(answer.statuses + late.statuses, closed=late.closed, problem=still_open(late))
+
+    return [
+        ("slowloris: unfinished heads held open get 408 and are closed", slowloris, TIMED_OUT),
+        ("a connection that sends nothing is closed", silent, Expect(frozenset())),
         (
-            "slowloris: unfinished heads held open",
-            slowloris,
-            Expect(frozenset({200}), may_close=False, answers=3),
+            "keep-alive: a second request on the connection",
+            keep_alive,
+            Expect(frozenset({200}), may_close=False, answers=2),
         ),
+        ("a head in pieces within the deadline", head_in_pieces, OK),
+        (
+            "an unfinished head after a response gets 408",
+            late_second_head,
+            Expect(frozenset({200, 408}), may_close=False, answers=2),
+        ),
+    ]
+
+
+# A request refused for its slowness: 408, then the connection closes (checked by `still_open`).
+TIMED_OUT = Expect(frozenset({408}), may_close=False)
+
+
+def still_open(answer: Answer) -> str | None:
+    return None if answer.closed else "the connection was left open after 408"
+
+
+def upload_cases() -> list[Case]:
+    """/predict_file reads its own upload, with a deadline on each piece (serving/files.py)."""
+
+    def csv_head(t: Target, media_type: str = "text/csv") -> bytes:
+        return t.head("/predict_file", Content_Type=media_type, Content_Length=str(len(t.csv)))
+
+    def stalled(t: Target) -> Answer:
+        """Half the CSV, then nothing: 408 and the connection closed within the idle deadline, and no byte
+        of an answer (the whole upload is read before any answer)."""
+        with t.connect() as sock:
+            sock.sendall(csv_head(t) + t.csv[: len(t.csv) // 2])
+            answer = read_answers(sock, 2, wait=t.deadlines.upload_idle_seconds + DEADLINE_MARGIN)
+            answer.problem = still_open(answer)
+            return answer
+
+    def steady(t: Target) -> Answer:
+        """The whole CSV a piece at a time, each in less than the idle deadline, over longer than it in
+        all: answered 200, others served meanwhile."""
+        pieces = 8
+        interval = 1.5 * t.deadlines.upload_idle_seconds / pieces
+        return trickle(t, csv_head(t), t.csv, len(t.csv) // pieces + 1, interval, ANSWER_SECONDS * 10)
+
+    return [
+        ("/predict_file upload that stalls half way gets 408", stalled, TIMED_OUT),
+        ("/predict_file upload that trickles steadily is answered", steady, OK),
     ]
 
 
@@ -447,11 +573,21 @@ def valid_status(target: Target) -> int:
 
 
 def all_cases(long: bool) -> list[Case]:
-    return chunked_cases() + length_cases() + head_cases(long) + line_cases() + connection_cases(long)
+    return (
+        chunked_cases()
+        + length_cases()
+        + head_cases(long)
+        + line_cases()
+        + connection_cases(long)
+        + deadline_cases(long)
+        + upload_cases()
+    )
 
 
-def run_cases(url: str, max_body_bytes: int, long: bool = False) -> list[CaseResult]:
-    target = Target(url, max_body_bytes)
+def run_cases(
+    url: str, max_body_bytes: int, deadlines: Deadlines | None = None, long: bool = False
+) -> list[CaseResult]:
+    target = Target(url, max_body_bytes, deadlines or Deadlines())
     results = []
     for name, send, expect in all_cases(long):
         started = time.monotonic()
@@ -472,8 +608,8 @@ def run_cases(url: str, max_body_bytes: int, long: bool = False) -> list[CaseRes
 
 def judge(answer: Answer, expect: Expect) -> str | None:
     """Why the answer breaks the case's expectation, or None."""
-    if -1 in answer.statuses:
-        return "another client was not served while this one trickled"
+    if answer.problem is not None:
+        return answer.problem
     if any(status >= 500 for status in answer.statuses):
         return f"server error {answer.statuses}"
     wrong = [status for status in answer.statuses if status not in expect.statuses]

@@ -37,6 +37,18 @@ class UnsupportedMediaTypeError(BadInputError):
     status = 415
 
 
+class RequestTimeoutError(BadInputError):
+    """The client stopped sending its request part way (HTTP only): 408, and the connection closes, since
+    the rest of the body may still come and would be read as the next request."""
+
+    status = 408
+    grpc_code = "DEADLINE_EXCEEDED"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Connection": "close"}
+
+
 class ModelNotFoundError(ServingError):
     status = 404
     grpc_code = "NOT_FOUND"

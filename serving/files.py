@@ -22,7 +22,7 @@ import asyncio
 import re
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from enum import StrEnum
 from typing import IO, Any
 
@@ -32,13 +32,20 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from fastapi.routing import APIRoute
 from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartParser
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from models.schema import FeatureKind
 from serving.auth import current_caller
 from serving.dataplane import DataPlane, PredictionBatch
-from serving.errors import BadInputError, PayloadTooLargeError, ServingError, UnsupportedMediaTypeError
+from serving.errors import (
+    BadInputError,
+    PayloadTooLargeError,
+    RequestTimeoutError,
+    ServingError,
+    UnsupportedMediaTypeError,
+)
 from serving.rest import UPLOAD_ENDPOINT as ENDPOINT
 
 TRANSPORT = "http"
@@ -76,12 +83,12 @@ ACCEPT_ALIASES = {
 
 
 def predict_file_route(
-    current_plane: Callable[[], DataPlane], max_upload_bytes: int, chunk_rows: int
+    current_plane: Callable[[], DataPlane], max_upload_bytes: int, chunk_rows: int, idle_seconds: float
 ) -> APIRoute:
     async def predict_file(request: Request) -> Response:
         plane = current_plane()
         try:
-            upload = await _receive(request, max_upload_bytes)
+            upload = await _receive(request, max_upload_bytes, idle_seconds)
             try:
                 return await _answer(request, plane, upload, chunk_rows)
             except BaseException:
@@ -90,7 +97,9 @@ def predict_file_route(
         except ServingError as error:
             plane.refused(error, TRANSPORT)
             body = orjson.dumps({"error": error.message})
-            return Response(body, status_code=error.status, media_type="application/json")
+            return Response(
+                body, status_code=error.status, headers=error.headers, media_type="application/json"
+            )
 
     return APIRoute(
         ENDPOINT,
@@ -143,6 +152,10 @@ OPENAPI: dict[str, Any] = {
             "content": dict.fromkeys(MEDIA_TYPES.values(), _BINARY),
         },
         "400": {"description": "The file cannot be read or a value is invalid", **_ERROR},
+        "408": {
+            "description": "The upload stopped: no byte of it came for TABSERVE_UPLOAD_IDLE_SECONDS",
+            **_ERROR,
+        },
         "413": {"description": "The upload is over TABSERVE_MAX_UPLOAD_BYTES", **_ERROR},
         "415": {"description": "Not a CSV, Parquet or multipart upload", **_ERROR},
     },
@@ -172,8 +185,9 @@ async def _answer(request: Request, plane: DataPlane, upload: IO[bytes], chunk_r
 # ---- upload ---------------------------------------------------------------------------------------------
 
 
-async def _receive(request: Request, max_bytes: int) -> IO[bytes]:
-    """The uploaded file, spooled to disk beyond a few MB, positioned at its start."""
+async def _receive(request: Request, max_bytes: int, idle_seconds: float) -> IO[bytes]:
+    """The uploaded file, spooled to disk beyond a few MB, positioned at its start. The whole upload is read
+    before any answer is sent, so a client that stops sending gets a clean 408, never half an answer."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type not in ACCEPTED_UPLOADS:
         raise UnsupportedMediaTypeError(
@@ -182,10 +196,10 @@ async def _receive(request: Request, max_bytes: int) -> IO[bytes]:
             "unsupported_media_type",
         )
     if media_type == "multipart/form-data":
-        return await _receive_form(request, max_bytes)
+        return await _receive_form(request, max_bytes, idle_seconds)
     spool = tempfile.SpooledTemporaryFile(max_size=8 << 20)  # noqa: SIM115  (closed by the response)
     size = 0
-    async for piece in request.stream():
+    async for piece in _arriving(request, idle_seconds):
         size += len(piece)
         if size > max_bytes:
             spool.close()
@@ -200,14 +214,37 @@ async def _receive(request: Request, max_bytes: int) -> IO[bytes]:
     return spool
 
 
-async def _receive_form(request: Request, max_bytes: int) -> IO[bytes]:
+async def _arriving(request: Request, idle_seconds: float) -> AsyncGenerator[bytes]:
+    """The request's body piece by piece as it arrives; RequestTimeoutError when no piece comes within
+    `idle_seconds`. A deadline on each piece, not on the whole: a large file may take minutes to arrive,
+    and a client that stalls is refused in seconds. (HttpLimits's deadline on a whole body does not apply to
+    uploads; without this one a stalled upload met BentoML's request timeout: a 504, the server blamed.)"""
+    pieces = aiter(request.stream())
+    while True:
+        try:
+            async with asyncio.timeout(idle_seconds):
+                piece = await anext(pieces)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise RequestTimeoutError(
+                f"the upload stopped: no byte of it came for {idle_seconds:g} s", "upload_timeout"
+            ) from None
+        yield piece
+
+
+async def _receive_form(request: Request, max_bytes: int, idle_seconds: float) -> IO[bytes]:
     # Starlette spools form files to disk but does not bound their size: the declared length does.
     if not request.headers.get("content-length", "").isdigit():
         raise BadInputError("a multipart upload needs a Content-Length header", "no_content_length")
     if int(request.headers["content-length"]) > max_bytes:
         raise PayloadTooLargeError(f"uploaded file is over the limit of {max_bytes} bytes", "body_too_large")
+    # Starlette's own parser, fed the body through the same deadline as a bare upload.
+    parser = MultiPartParser(request.headers, _arriving(request, idle_seconds), max_files=1, max_fields=8)
     try:
-        form = await request.form(max_files=1, max_fields=8)
+        form = await parser.parse()
+    except RequestTimeoutError:
+        raise
     except Exception as exc:  # python-multipart reports malformed forms with several exception types
         raise BadInputError(f"malformed multipart form: {exc}", "malformed_form") from None
     upload = form.get("file")

@@ -2,7 +2,8 @@
 those methods parsed and refused here, one clear 400 per bad body (`json_body`); a middleware that refuses
 what no endpoint can take before any parsing (wrong content type: 415; a body over the limit, counted as it
 arrives: 413; a body that takes too long to arrive: 408) and times and counts requests; the authentication
-middleware, with auth on (`HttpAuth`); and a limit on the size of a request's head (431).
+middleware, with auth on (`HttpAuth`); and limits on the size of a request's head (431) and on the time it
+takes to arrive (408, or a close when nothing came).
 """
 
 from __future__ import annotations
@@ -450,28 +451,57 @@ def json_body(
 
 
 class HeadLimitedHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a limit on a request's head (request line and headers): httptools
-    buffers a head of any size (a 128 MB header was read for 21 s, then answered 200). uvicorn's h11
-    protocol has such a limit, but uvicorn picks httptools when it is installed, and BentoML passes uvicorn
-    no option to choose. A head over MAX_HEAD_BYTES gets 431 and the connection closes: as soon as that many
-    bytes have come without the head being complete, or once a head that came whole is parsed."""
+    """uvicorn's httptools protocol with limits on a request's head (request line and headers):
+
+    - its size: httptools buffers a head of any size (a 128 MB header was read for 21 s, then answered 200).
+      uvicorn's h11 protocol has such a limit, but uvicorn picks httptools when it is installed, and BentoML
+      passes uvicorn no option to choose. A head over MAX_HEAD_BYTES gets 431 and the connection closes: as
+      soon as that many bytes have come without the head being complete, or once a head that came whole is
+      parsed.
+    - its time (`head_seconds`): uvicorn waits for a head for ever, so a client that connects and sends
+      nothing, or a head a byte at a time (slowloris), holds a connection for as long as it likes; uvicorn's
+      keep-alive timeout starts only after a response. The head must arrive whole within `head_seconds` of
+      the connection's opening or of the previous response. Past it, a connection that sent part of a head
+      gets 408 and is closed; one that sent nothing is closed without an answer, as nginx's
+      client_header_timeout does (a browser's idle preconnection was asked nothing). The body is not timed
+      here: HttpLimits gives it MAX_BODY_SECONDS, and /predict_file its upload_idle_seconds.
+    """
+
+    head_seconds: float = 10.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._head_bytes: int | None = None  # bytes received since the request began; None: head complete
+        self._head_bytes: int | None = None  # bytes received since the request began; None: no head begun
         self._head_too_large = False
+        self._head_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._start_head_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_deadline()
+        super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head_bytes = 0
 
     def on_headers_complete(self) -> None:
+        self._cancel_head_deadline()
         self._head_bytes = None
         if len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers) > MAX_HEAD_BYTES:
             # Raised from a parser callback, this stops the parser; uvicorn answers with send_400_response.
             self._head_too_large = True
             raise HeadTooLargeError
         super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        # A pipelined request already has its head: only an empty pipeline waits for the next one.
+        awaits_head = not self.pipeline
+        super().on_response_complete()
+        if awaits_head and not self.transport.is_closing():
+            self._start_head_deadline()
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -486,11 +516,39 @@ class HeadLimitedHttpToolsProtocol(HttpToolsProtocol):
         if not self._head_too_large:
             super().send_400_response(msg)
             return
-        body = orjson.dumps(
-            {"error": f"request line and headers are over the limit of {MAX_HEAD_BYTES} bytes"}
+        self._refuse(
+            b"431 Request Header Fields Too Large",
+            f"request line and headers are over the limit of {MAX_HEAD_BYTES} bytes",
         )
+
+    def _start_head_deadline(self) -> None:
+        self._cancel_head_deadline()
+        self._head_deadline = self.loop.call_later(self.head_seconds, self._head_too_late)
+
+    def _cancel_head_deadline(self) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+
+    def _head_too_late(self) -> None:
+        self._head_deadline = None
+        if self.transport.is_closing():
+            return
+        if self._head_bytes is None:  # nothing of a request came: no one to answer
+            self.transport.close()
+            return
+        self._refuse(
+            b"408 Request Timeout",
+            f"request line and headers did not arrive within {self.head_seconds:g} s",
+        )
+
+    def _refuse(self, status_line: bytes, message: str) -> None:
+        """Answer with `status_line` and `message` as JSON, before any request began, and close."""
+        body = orjson.dumps({"error": message})
         self.transport.write(
-            b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+            b"HTTP/1.1 "
+            + status_line
+            + b"\r\ncontent-type: application/json\r\n"
             + b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body)
             + body
         )
@@ -501,15 +559,17 @@ class HeadTooLargeError(Exception):
     pass
 
 
-def serve_http(admission: Admission) -> None:
+def serve_http(admission: Admission, head_seconds: float) -> None:
     """Make uvicorn, which BentoML's workers start after importing the service, serve HTTP/1.1 with
-    `HeadLimitedHttpToolsProtocol`, each request going through `AdmissionGate` before anything of BentoML's:
-    uvicorn resolves its protocol by this name when its config loads. (A middleware added to the service
-    runs after BentoML's, whose metrics, tracing and timeout made a refusal cost half of an answer.)"""
+    `HeadLimitedHttpToolsProtocol` (heads due within `head_seconds`), each request going through
+    `AdmissionGate` before anything of BentoML's: uvicorn resolves its protocol by this name when its config
+    loads. (A middleware added to the service runs after BentoML's, whose metrics, tracing and timeout made
+    a refusal cost half of an answer.)"""
 
     class AdmittingHttpToolsProtocol(HeadLimitedHttpToolsProtocol):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.app = AdmissionGate(self.app, admission)
 
+    AdmittingHttpToolsProtocol.head_seconds = head_seconds
     uvicorn.protocols.http.auto.AutoHTTPProtocol = AdmittingHttpToolsProtocol

@@ -111,6 +111,9 @@ MAX_BATCH_RECORDS = 50
 MAX_BODY_BYTES = 200_000
 MAX_UPLOAD_BYTES = 40_000_000
 FILE_CHUNK_ROWS = 1000
+# Short deadlines for slow clients, so that the framing cases wait them out in seconds.
+HEAD_TIMEOUT_SECONDS = 3.0
+UPLOAD_IDLE_SECONDS = 3.0
 LATEST_DRIFT = Summary(
     model="breast_cancer",
     version="judged-version",
@@ -249,6 +252,8 @@ def server(
         TABSERVE_MAX_BODY_BYTES=str(MAX_BODY_BYTES),
         TABSERVE_MAX_UPLOAD_BYTES=str(MAX_UPLOAD_BYTES),
         TABSERVE_FILE_CHUNK_ROWS=str(FILE_CHUNK_ROWS),
+        TABSERVE_HEAD_TIMEOUT_SECONDS=str(HEAD_TIMEOUT_SECONDS),
+        TABSERVE_UPLOAD_IDLE_SECONDS=str(UPLOAD_IDLE_SECONDS),
         TABSERVE_REPORTS_DIR=str(reports_dir),
     )
     output = log_dir.parent / "server-output.txt"
