@@ -1,5 +1,6 @@
 """Faults a running service meets, on a real `bentoml serve`: a prediction-log disk that fills up; an API
-worker, or the model service, killed with SIGKILL under load."""
+worker, or the model service, killed with SIGKILL under load; the model service stopped (SIGSTOP) for longer
+than any request may wait."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+import tritonclient.grpc as triton_grpc
+from tritonclient.utils import InferenceServerException
 
 from drift.logs import LogTarget, Window, find_log_files, read_log
 from loadtests import proctree
@@ -171,10 +175,12 @@ def _serve(stores: Stores, tmp_path: Path, **env: str) -> tuple[subprocess.Popen
     port, output = free_port(), tmp_path / "out.txt"
     settings = stores.env(
         BENTOML_HOME=str(home),
-        TABSERVE_GRPC_PORT="0",
-        TABSERVE_PREDICTION_LOG_DIR=str(tmp_path / "predictions"),
-        TABSERVE_FEEDBACK_LOG_DIR=str(tmp_path / "feedback"),
-        **env,
+        **{
+            "TABSERVE_GRPC_PORT": "0",
+            "TABSERVE_PREDICTION_LOG_DIR": str(tmp_path / "predictions"),
+            "TABSERVE_FEEDBACK_LOG_DIR": str(tmp_path / "feedback"),
+            **env,
+        },
     )
     process = start_server(settings, port, output)
     url = f"http://127.0.0.1:{port}"
@@ -244,5 +250,87 @@ def test_a_killed_model_service_never_fails_a_request_with_500_and_serves_again_
         assert outcomes <= {"503"}, outcomes
         assert not load.failed(since=serving_at + 1.0)
     finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+# ---- the model service down for longer than a request may wait ------------------------------------------
+
+MODEL_SERVICE_TIMEOUT = 3.0  # TABSERVE_MODEL_SERVICE_TIMEOUT_SECONDS for the test
+STOPPED_SECONDS = 12.0
+# How much later than the deadline a refusal may come (the event loop, a shared machine).
+REFUSAL_MARGIN = 2.0
+
+
+def test_a_stopped_model_service_gets_503_and_unavailable_in_bounded_time_and_serves_again_once_back(
+    stores: Stores, default_model: object, tmp_path: Path, one_record: dict[str, float]
+) -> None:
+    """The model service alive but answering nothing (SIGSTOP: its port still takes connections, as while
+    it hangs): every request, HTTP and gRPC, is refused as unavailable with a retry hint within the model
+    service deadline, never 500 or 504; once it runs again (SIGCONT) the service answers."""
+    grpc_port = free_port()
+    process, url = _serve(
+        stores,
+        tmp_path,
+        TABSERVE_MODEL_SERVICE="true",
+        TABSERVE_MODEL_SERVICE_TIMEOUT_SECONDS=str(MODEL_SERVICE_TIMEOUT),
+        TABSERVE_GRPC_HOST="127.0.0.1",
+        TABSERVE_GRPC_PORT=str(grpc_port),
+    )
+    grpc_client = triton_grpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+    rows = np.array([list(one_record.values())])
+    tensor = triton_grpc.InferInput("rows", list(rows.shape), "FP64")
+    tensor.set_data_from_numpy(rows)
+    http_refusals: list[tuple[int, float, str | None, str]] = []  # status, seconds, Retry-After, error
+    grpc_refusals: list[tuple[str, float, str]] = []  # status, seconds, message
+    try:
+        assert httpx.post(f"{url}/predict", json=one_record, timeout=30).status_code == 200
+        (runner,) = service_processes(process, "tabserve-model")
+        os.kill(runner, signal.SIGSTOP)
+        try:
+            stopped_until = time.monotonic() + STOPPED_SECONDS
+            while time.monotonic() < stopped_until:
+                sent = time.monotonic()
+                response = httpx.post(f"{url}/predict", json=one_record, timeout=60)
+                error = response.json().get("error", "") if response.status_code != 200 else ""
+                http_refusals.append(
+                    (
+                        response.status_code,
+                        time.monotonic() - sent,
+                        response.headers.get("retry-after"),
+                        error,
+                    )
+                )
+                sent = time.monotonic()
+                try:
+                    grpc_client.infer("breast_cancer", [tensor], client_timeout=60)
+                    grpc_refusals.append(("OK", time.monotonic() - sent, ""))
+                except InferenceServerException as refused:
+                    grpc_refusals.append((str(refused.status()), time.monotonic() - sent, refused.message()))
+        finally:
+            os.kill(runner, signal.SIGCONT)
+        resumed_at = time.monotonic()
+        serving_at = wait_until_serving(url, one_record, resumed_at)
+        grpc_client.infer("breast_cancer", [tensor], client_timeout=30)
+        seconds_taken = [answer[1] for answer in http_refusals] + [answer[1] for answer in grpc_refusals]
+        print(
+            f"model service stopped {STOPPED_SECONDS:g} s: {len(http_refusals)} HTTP answers "
+            f"{sorted({status for status, *_ in http_refusals})}, {len(grpc_refusals)} gRPC answers "
+            f"{sorted({status for status, *_ in grpc_refusals})}, slowest {max(seconds_taken):.1f} s "
+            f"(deadline {MODEL_SERVICE_TIMEOUT:g} s); serving again {serving_at - resumed_at:.1f} s after "
+            "SIGCONT"
+        )
+        assert http_refusals
+        assert grpc_refusals
+        assert max(seconds_taken) < MODEL_SERVICE_TIMEOUT + REFUSAL_MARGIN
+        for status, _, retry_after, error in http_refusals:
+            assert status == 503, (status, error)
+            assert int(retry_after or 0) >= 1
+            assert "model service is unreachable" in error, error
+        for code, _, message in grpc_refusals:
+            assert code == "StatusCode.UNAVAILABLE", (code, message)
+            assert "model service is unreachable" in message, message
+    finally:
+        grpc_client.close()
         process.terminate()
         process.wait(timeout=60)
