@@ -87,13 +87,13 @@ class CaseResult:
 class Target:
     """The server under test and the valid requests the cases frame."""
 
-    def __init__(self, url: str, max_body_bytes: int, deadlines: Deadlines) -> None:
+    def __init__(self, url: str, max_body_bytes: int, deadlines: Deadlines | None = None) -> None:
         parts = urlsplit(url)
         assert parts.hostname is not None
         assert parts.port is not None
         self.address = (parts.hostname, parts.port)
         self.max_body_bytes = max_body_bytes
-        self.deadlines = deadlines
+        self.deadlines = deadlines or Deadlines()
         features = load_default().features
         row = features.iloc[0]
         self.record = orjson.dumps({str(name): float(value) for name, value in row.items()})
@@ -587,7 +587,7 @@ def all_cases(long: bool) -> list[Case]:
 def run_cases(
     url: str, max_body_bytes: int, deadlines: Deadlines | None = None, long: bool = False
 ) -> list[CaseResult]:
-    target = Target(url, max_body_bytes, deadlines or Deadlines())
+    target = Target(url, max_body_bytes, deadlines)
     results = []
     for name, send, expect in all_cases(long):
         started = time.monotonic()

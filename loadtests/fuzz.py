@@ -8,7 +8,10 @@ loopback ports, and runs, one after the other:
    (loadtests/openapi_fuzz.py): at least 20,000 cases; no failure of any check.
 2. The gRPC fuzzer over every method of the OIP service (loadtests/grpc_fuzz.py): at least 5,000 messages;
    no UNKNOWN or INTERNAL.
-3. The raw HTTP framing cases (loadtests/framing.py), long: the slow body waits out the server's deadline.
+3. The raw HTTP framing cases (loadtests/framing.py), long: the slow clients wait out the server's deadlines.
+4. Schemathesis again, shorter (about 2,000 cases), against a second server with auth on, given an API key:
+   its ignored_auth check also runs (each operation that needs a key refuses calls without one or with a
+   wrong one). `--auth-only` runs this part alone.
 Memory: the resident memory of the server's whole process tree after a warm-up, after each part, at its
 peak, and after the run; it may grow by at most MAX_RSS_GROWTH_BYTES. The CI tests run the same three, bounded
 (tests/test_fuzz_http.py, test_fuzz_grpc.py, test_fuzz_framing.py).
@@ -17,6 +20,7 @@ peak, and after the run; it may grow by at most MAX_RSS_GROWTH_BYTES. The CI tes
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -30,6 +34,9 @@ from loadtests import framing, grpc_fuzz, openapi_fuzz, proctree, servers, tree_
 from loadtests.bench import RESULTS, machine
 
 MIN_HTTP_CASES = 20_000
+# The auth-on run: Schemathesis --max-examples, and the fewest cases it must run (about 2,000 are made).
+AUTH_CASES_PER_OPERATION = 200
+MIN_AUTH_CASES = 1_500
 MIN_GRPC_MESSAGES = 5_000
 # The service's limits during the run. The body limit holds the largest batch the schema allows (1,000
 # records of 30 numbers, under 1 MB): a schema-valid body must never meet 413, or positive_data_acceptance
@@ -55,12 +62,20 @@ def main(
         int, typer.Option(help="messages to each of the 6 OIP methods")
     ] = 2_000,
     seed: Annotated[int, typer.Option(help="seed of Schemathesis and of the gRPC fuzzer")] = 12,
+    auth_only: Annotated[bool, typer.Option(help="only the auth-on Schemathesis run (part 4)")] = False,
 ) -> None:
     stamp = datetime.now(UTC)
     workdir = RESULTS / f"fuzz-{stamp:%Y%m%dT%H%M%S}"
     stores = workdir / "stores"
     echo(f"Training the default model into {stores.relative_to(servers.PROJECT_ROOT)}")
     train(stores, workdir / "training.txt")
+    if auth_only:
+        auth = fuzz_with_auth(stores, workdir, seed)
+        problems = judge_auth(auth)
+        echo("PASSED" if not problems else "FAILED:\n  " + "\n  ".join(problems))
+        if problems:
+            raise typer.Exit(1)
+        return
     launch = servers.tabserve(
         servers.free_port(),
         servers.free_port(),
@@ -97,6 +112,7 @@ def main(
             time.sleep(SETTLE_SECONDS)
         rss_after = proctree.rss_bytes(server.pid)
         tracebacks = server.output.read_text(errors="replace").count("Traceback")
+    auth = fuzz_with_auth(stores, workdir, seed)
     memory = {
         "before_bytes": rss_before,
         "peak_bytes": peak.peak,
@@ -105,7 +121,7 @@ def main(
         "growth_bytes": rss_after - rss_before,
         "max_growth_bytes": MAX_RSS_GROWTH_BYTES,
     }
-    problems = judge(http, grpc, cases, memory)
+    problems = judge(http, grpc, cases, memory) + judge_auth(auth)
     document = {
         "date": stamp.isoformat(timespec="seconds"),
         "command": " ".join(["python -m loadtests.fuzz", *sys.argv[1:]]),
@@ -113,6 +129,7 @@ def main(
         "seconds": round(time.monotonic() - started, 1),
         "server": {"max_body_bytes": MAX_BODY_BYTES, "max_batch_records": MAX_BATCH_RECORDS},
         "http": http.summary(),
+        "http_auth": auth.summary(),
         "grpc": {**grpc.summary(), "per_method": grpc_messages_per_method},
         "framing": {
             "cases": len(cases),
@@ -145,6 +162,59 @@ def train(stores: Path, output: Path) -> None:
         )
     if done.returncode:
         raise RuntimeError(f"training failed ({done.returncode}); see {output}")
+
+
+def fuzz_with_auth(stores: Path, workdir: Path, seed: int) -> openapi_fuzz.SchemathesisRun:
+    """Part 4: a server of its own with auth on (a key file with one new key, made by the key tool as an
+    operator makes one), and Schemathesis given that key."""
+    keys = workdir / "keys.txt"
+    made = subprocess.run(
+        [sys.executable, "-m", "serving.auth", "new-key", "fuzz"],
+        cwd=servers.PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    keys.write_text(made.stdout)
+    shown = re.search(r"\(shown once\): (\S+)", made.stderr)
+    assert shown is not None, made.stderr
+    launch = servers.tabserve(
+        servers.free_port(),
+        servers.free_port(),
+        workdir / "predictions-auth",
+        **tree_model.stores_env(stores),
+        TABSERVE_FEEDBACK_LOG_DIR=str(workdir / "feedback-auth"),
+        TABSERVE_MAX_BODY_BYTES=str(MAX_BODY_BYTES),
+        TABSERVE_MAX_BATCH_RECORDS=str(MAX_BATCH_RECORDS),
+        TABSERVE_AUTH_KEYS_FILE=str(keys),
+        # ignored_auth sends wrong keys on purpose, from the one loopback address: never block it, or the
+        # calls with the right key would meet 429.
+        TABSERVE_AUTH_MAX_FAILURES=str(2**31),
+    )
+    with servers.running(launch, workdir / "server-auth.txt"):
+        echo(f"Schemathesis with auth on: {AUTH_CASES_PER_OPERATION} examples per operation, every check")
+        run = openapi_fuzz.run(
+            launch.url,
+            workdir / "schemathesis-auth",
+            AUTH_CASES_PER_OPERATION,
+            seed,
+            timeout=1800,
+            api_key=shown[1],
+        )
+    echo(f"  {run.cases} cases in {run.seconds:.0f} s; failures: {run.failures_by_check or 'none'}")
+    echo(f"  checks: {sorted(set().union(*map(set, run.checks_by_operation.values())))}")
+    return run
+
+
+def judge_auth(auth: openapi_fuzz.SchemathesisRun) -> list[str]:
+    problems = []
+    if auth.cases < MIN_AUTH_CASES:
+        problems.append(f"Schemathesis with auth on ran {auth.cases} cases, fewer than {MIN_AUTH_CASES}")
+    if auth.failures or auth.returncode:
+        problems.append(f"Schemathesis with auth on failed ({auth.returncode}): {auth.failures_by_check}")
+    if not any("ignored_auth" in checks for checks in auth.checks_by_operation.values()):
+        problems.append("Schemathesis with auth on never ran ignored_auth")
+    return problems
 
 
 def warm_up(url: str) -> None:

@@ -3,7 +3,7 @@ line (`st run`) the way it is meant to run: all its phases (examples, coverage: 
 missing and unknown fields, wrong media types and methods; fuzzing), every check that applies, and reports
 whose counts are read back here.
 
-    run(url, workdir, cases_per_operation=400, seed=12, timeout=170)
+    run(url, workdir, cases_per_operation=400, seed=12, timeout=170, api_key=None)
 
 Shared by tests/test_fuzz_http.py (bounded, in CI) and `make fuzz` (loadtests/fuzz.py, long).
 """
@@ -81,7 +81,10 @@ def config() -> str:
     return "\n".join(lines) + "\n"
 
 
-def command(url: str, workdir: Path, cases_per_operation: int, seed: int) -> list[str]:
+def command(url: str, workdir: Path, cases_per_operation: int, seed: int, api_key: str | None) -> list[str]:
+    """With `api_key` (auth on), every call carries it, and Schemathesis's ignored_auth check also runs: each
+    operation that needs a key must refuse a call without one, or with a wrong one."""
+    key = [f"--header=Authorization: Bearer {api_key}"] if api_key else []
     return [
         ST,
         "run",
@@ -94,15 +97,18 @@ def command(url: str, workdir: Path, cases_per_operation: int, seed: int) -> lis
         "--report=json,ndjson",
         f"--report-json-path={workdir / 'schemathesis.json'}",
         f"--report-ndjson-path={workdir / 'schemathesis.ndjson'}",
+        *key,
     ]
 
 
-def run(url: str, workdir: Path, cases_per_operation: int, seed: int, timeout: float) -> SchemathesisRun:
+def run(
+    url: str, workdir: Path, cases_per_operation: int, seed: int, timeout: float, api_key: str | None = None
+) -> SchemathesisRun:
     """`st run` in `workdir`, which must be empty: Schemathesis reads its configuration from its working
     directory and keeps a cache of the failures it found there, which it would replay."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "schemathesis.toml").write_text(config())
-    argv = command(url, workdir, cases_per_operation, seed)
+    argv = command(url, workdir, cases_per_operation, seed, api_key)
     started = time.monotonic()
     result = subprocess.run(
         argv,
