@@ -33,6 +33,9 @@ from settings import Settings
 ANSWER_SECONDS = 10.0
 # How late after its deadline the server may act on it (a timer on a busy event loop, a shared machine).
 DEADLINE_MARGIN = 3.0
+# Clients holding their bodies back, for longer than it takes a worker's time per request, measured over
+# half-second windows, to exceed the default queue bound (1 s) if they counted as work.
+SLOW_BODY_CLIENTS, SLOW_BODY_SECONDS = 6, 8.0
 OIP_INFER = "/v2/models/breast_cancer/infer"
 POST_ROUTES = ("/predict", "/predict_batch", "/predict_file", "/feedback")
 CLIENT_ERRORS = frozenset(range(400, 500))
@@ -426,6 +429,31 @@ def connection_cases(long: bool) -> list[Case]:
             return trickle(t, head, t.record, 1, 1.0, MAX_BODY_SECONDS + 15)
         return trickle(t, head, t.record, 20, 0.05, 10)  # whole in a few seconds: answered
 
+    def slow_bodies(t: Target) -> Answer:
+        """Clients that send the start of a body, then nothing for several seconds: each holds a place in
+        its worker, not the worker's time (serving/admission.py), so valid requests on other connections
+        are answered 200 meanwhile; then the bodies end and each is answered. (Counted as work, they once
+        made the workers measure themselves slow and refuse everyone with 503.)"""
+        head = t.head(Content_Type="application/json", Content_Length=str(len(t.record)))
+        socks = [t.connect() for _ in range(SLOW_BODY_CLIENTS)]
+        served_meanwhile, answer = [], Answer()
+        try:
+            for sock in socks:
+                sock.sendall(head + t.record[:10])
+            until = time.monotonic() + SLOW_BODY_SECONDS
+            while time.monotonic() < until:
+                served_meanwhile.append(valid_status(t))
+                time.sleep(0.5)
+            for sock in socks:
+                sock.sendall(t.record[10:])
+            for sock in socks:
+                answer.statuses += read_answers(sock, 1).statuses
+        finally:
+            for sock in socks:
+                sock.close()
+        answer.problem = not_served(served_meanwhile)
+        return answer
+
     # The long run trickles longer than the server waits for a body: 408 (serving/rest.py).
     slow = Expect(frozenset({408})) if long else OK
     return [
@@ -435,6 +463,11 @@ def connection_cases(long: bool) -> list[Case]:
             Expect(frozenset({200}), may_close=False, answers=3),
         ),
         ("slow body, a byte at a time", slow_body, slow),
+        (
+            "bodies held back on several connections while others are served",
+            slow_bodies,
+            Expect(frozenset({200}), may_close=False, answers=SLOW_BODY_CLIENTS),
+        ),
     ]
 
 

@@ -8,13 +8,18 @@ requests it accepts wait longer and longer. Refusing at admission costs a few hu
 
 The decision, for every transport (the HTTP middleware in serving/rest.py and the gRPC interceptor in
 serving/oip/grpc_server.py only translate it):
-- at most `max_concurrency` requests in progress in the worker: a bound on the memory they hold whatever
-  the load, and the only bound until the worker has measured itself;
+- at most `max_concurrency` requests in the worker, those still receiving their bodies included: a bound on
+  the memory they hold whatever the load, and the only bound until the worker has measured itself;
 - the expected time to answer a new request, by Little's law the requests in progress times the measured
   time per request while busy, at most `max_queue_seconds`. The time per request is measured as busy time
   (time with at least one request in progress) per answered request, so a quiet worker is not mistaken
   for a slow one (its answers per second measure its callers, not itself), and under load it includes what
   refusing costs: the bound adapts to what the worker really achieves.
+
+A request is admitted when its head arrives (a refusal costs least then), but it is work only once its
+body has arrived: a client that sends its body slowly holds a place, not the worker's time. Counted as
+work from its head, one client trickling a body made the worker measure itself slower and slower (busy,
+answering nothing) until it refused everyone else.
 """
 
 from __future__ import annotations
@@ -53,7 +58,8 @@ class Admission:
         self.max_concurrency = max_concurrency
         self.max_queue_seconds = max_queue_seconds
         self._clock = clock
-        self.in_progress = 0
+        self.in_progress = 0  # requests whose bodies have arrived: the worker's work
+        self.receiving = 0  # admitted requests whose bodies are still arriving
         self.seconds_per_request: float | None = None  # None until measured
         self._changed_at = clock()  # when `in_progress` last changed
         self._busy_seconds = 0.0  # of the current window
@@ -65,27 +71,37 @@ class Admission:
         return (self.in_progress + 1) * (self.seconds_per_request or 0.0)
 
     def admit(self, transport: str) -> Place:
-        """A place for one request, held until its answer is sent (`with place: ...`); or OverloadedError,
-        counted, if the worker has none."""
+        """A place for one request, held until its answer is sent (`with place: ...`), whose work starts
+        when its body has arrived (`place.start()`); or OverloadedError, counted, if the worker has none."""
         self._refuse_if_full(transport)
+        self.receiving += 1
+        return Place(self)
+
+    def _start(self) -> None:
+        self.receiving -= 1
         self._count_busy_time()
         self.in_progress += 1
-        return Place(self._leave)
 
-    def _leave(self) -> None:
+    def _leave(self, started: bool) -> None:
+        if not started:  # refused or abandoned before its body arrived: no work done
+            self.receiving -= 1
+            return
         self._count_busy_time()
         self.in_progress -= 1
         self._answered += 1
         self._measure()
 
     def _refuse_if_full(self, transport: str) -> None:
-        if not self.in_progress:
+        if self.in_progress + self.receiving >= self.max_concurrency:
+            reason = "max_concurrency"
+            problem = (
+                f"{self.in_progress + self.receiving} requests are in progress in this worker "
+                "(the most it takes)"
+            )
+        elif not self.in_progress:
             # Nothing ahead of it: the request is as fast as the worker can be. (Also how a worker that
             # measured itself slow under a burst measures itself again.)
             return
-        if self.in_progress >= self.max_concurrency:
-            reason = "max_concurrency"
-            problem = f"{self.in_progress} requests are in progress in this worker (the most it takes)"
         elif (expected := self.expected_seconds()) > self.max_queue_seconds:
             reason = "max_queue_time"
             problem = (
@@ -114,15 +130,22 @@ class Admission:
 
 
 class Place:
-    """A request's place in a worker, left once (when the `with` block ends)."""
+    """A request's place in a worker: its work starts once (`start`, when its body has arrived), and the
+    place is left once (when the `with` block ends)."""
 
-    def __init__(self, leave: Callable[[], None]) -> None:
-        self._leave = leave
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+        self._started = False
 
-    def __enter__(self) -> None:
-        return None
+    def start(self) -> None:
+        if not self._started:
+            self._started = True
+            self._admission._start()
+
+    def __enter__(self) -> Place:
+        return self
 
     def __exit__(
         self, _type: type[BaseException] | None, _error: BaseException | None, _trace: TracebackType | None
     ) -> None:
-        self._leave()
+        self._admission._leave(self._started)

@@ -25,7 +25,7 @@ from starlette.responses import Response
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from models.store import StoredModel
-from serving.admission import Admission, OverloadedError
+from serving.admission import Admission, OverloadedError, Place
 from serving.auth import Access, Gate, Refusal, calling_as, presented_key
 from serving.errors import ServingError
 from serving.metrics import refusals_of_this_request, serving_metrics
@@ -198,7 +198,19 @@ class AdmissionGate:
             await _send_error(send, error.status, error.message, error.reason, headers)
             return
         with place:
-            await self.app(scope, receive, send)
+            await self.app(scope, _starting_when_whole(receive, place), send)
+
+
+def _starting_when_whole(receive: Any, place: Place) -> Any:
+    """A `receive` that starts the request's work (`Place.start`) when the last piece of its body arrives."""
+
+    async def receive_and_watch() -> dict[str, Any]:
+        message: dict[str, Any] = await receive()
+        if message["type"] == "http.request" and not message.get("more_body", False):
+            place.start()
+        return message
+
+    return receive_and_watch
 
 
 def _predicting_transport(path: str) -> str | None:

@@ -196,6 +196,7 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
             except OverloadedError as error:
                 await _abort(context, grpc.StatusCode.UNAVAILABLE, error.message, error.grpc_trailers)
             with place:
+                place.start()  # the message has arrived whole
                 return await infer(request, context)
 
         return grpc.unary_unary_rpc_method_handler(
