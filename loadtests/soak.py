@@ -14,8 +14,8 @@
    and the load average: on a shared machine, what tells the server's own stalls from the machine's.
 4. Checks, and fails (exit 1) unless all hold:
    - no errors: the generators saw only 2xx (and, for gRPC, whole answers), the server refused nothing
-     (tabserve_validation_errors_total: bad input, and 503 "overloaded" when a request waited longer than
-     the batching deadline) and answered every request the generators saw succeed (its per-transport
+     (REFUSAL_COUNTERS: bad input; 503 "overloaded", shed at admission or after waiting longer than the
+     batching deadline) and answered every request the generators saw succeed (its per-transport
      counts of answers: h2load cannot see gRPC's grpc-status trailer);
    - resident memory grew by at most 5% from the end of the warm-up (a fifth of the run, at most 2 min) to
      the end: the medians of the first and of the last few samples;
@@ -57,6 +57,8 @@ WARMUP_SHARE, MAX_WARMUP_SECONDS = 0.2, 120
 MAX_RSS_GROWTH = 0.05
 # A log as large as a long run needs: every row is counted at the end.
 LOG_MAX_BYTES = 2**30
+# What the server refused: bad input, and overload shed (serving/admission.py, the batching deadline).
+REFUSAL_COUNTERS = ("tabserve_validation_errors_total", "tabserve_shed_total")
 # The server's name of each transport's answered requests (tabserve_request_seconds_count labels).
 SERVER_COUNTS = {
     "HTTP /predict": {"transport": "http", "endpoint": "/predict"},
@@ -94,7 +96,7 @@ class Result:
     load_average_start: list[float]
     load_average_end: list[float] = field(default_factory=list)
     transports: list[Paced] = field(default_factory=list)
-    refused: int = 0  # tabserve_validation_errors_total during the run
+    refused: int = 0  # REFUSAL_COUNTERS during the run
     # Every few seconds: seconds into the run, the tree's resident MiB, the machine's 1-minute load average,
     # and the cores' worth of time the server's threads waited for a core since the previous sample.
     samples: list[Sample] = field(default_factory=list)
@@ -164,9 +166,7 @@ def main(
             _total(after, "tabserve_request_seconds_count", labels)
             - _total(before, "tabserve_request_seconds_count", labels)
         )
-    result.refused = round(
-        _total(after, "tabserve_validation_errors_total") - _total(before, "tabserve_validation_errors_total")
-    )
+    result.refused = round(sum(_total(after, name) - _total(before, name) for name in REFUSAL_COUNTERS))
     result.answered_rows = round(_total(final, "tabserve_predictions_total"))
     result.log_dropped = round(_total(final, "tabserve_prediction_log_dropped_total"))
     result.log_rows = sum(1 for _ in log_records(find_log_files(log_dir)))
