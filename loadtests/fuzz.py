@@ -76,15 +76,7 @@ def main(
         if problems:
             raise typer.Exit(1)
         return
-    launch = servers.tabserve(
-        servers.free_port(),
-        servers.free_port(),
-        workdir / "predictions",
-        **tree_model.stores_env(stores),
-        TABSERVE_FEEDBACK_LOG_DIR=str(workdir / "feedback"),
-        TABSERVE_MAX_BODY_BYTES=str(MAX_BODY_BYTES),
-        TABSERVE_MAX_BATCH_RECORDS=str(MAX_BATCH_RECORDS),
-    )
+    launch = fuzzed_server(stores, workdir, "")
     assert launch.grpc_target is not None
     started = time.monotonic()
     with servers.running(launch, workdir / "server.txt") as server:
@@ -164,6 +156,21 @@ def train(stores: Path, output: Path) -> None:
         raise RuntimeError(f"training failed ({done.returncode}); see {output}")
 
 
+def fuzzed_server(stores: Path, workdir: Path, suffix: str, **settings: str) -> servers.Launch:
+    """A server on free loopback ports with the run's limits, its log and feedback in folders named with
+    `suffix`, and `settings` besides."""
+    return servers.tabserve(
+        servers.free_port(),
+        servers.free_port(),
+        workdir / f"predictions{suffix}",
+        **tree_model.stores_env(stores),
+        TABSERVE_FEEDBACK_LOG_DIR=str(workdir / f"feedback{suffix}"),
+        TABSERVE_MAX_BODY_BYTES=str(MAX_BODY_BYTES),
+        TABSERVE_MAX_BATCH_RECORDS=str(MAX_BATCH_RECORDS),
+        **settings,
+    )
+
+
 def fuzz_with_auth(stores: Path, workdir: Path, seed: int) -> openapi_fuzz.SchemathesisRun:
     """Part 4: a server of its own with auth on (a key file with one new key, made by the key tool as an
     operator makes one), and Schemathesis given that key."""
@@ -178,14 +185,10 @@ def fuzz_with_auth(stores: Path, workdir: Path, seed: int) -> openapi_fuzz.Schem
     keys.write_text(made.stdout)
     shown = re.search(r"\(shown once\): (\S+)", made.stderr)
     assert shown is not None, made.stderr
-    launch = servers.tabserve(
-        servers.free_port(),
-        servers.free_port(),
-        workdir / "predictions-auth",
-        **tree_model.stores_env(stores),
-        TABSERVE_FEEDBACK_LOG_DIR=str(workdir / "feedback-auth"),
-        TABSERVE_MAX_BODY_BYTES=str(MAX_BODY_BYTES),
-        TABSERVE_MAX_BATCH_RECORDS=str(MAX_BATCH_RECORDS),
+    launch = fuzzed_server(
+        stores,
+        workdir,
+        "-auth",
         TABSERVE_AUTH_KEYS_FILE=str(keys),
         # ignored_auth sends wrong keys on purpose, from the one loopback address: never block it, or the
         # calls with the right key would meet 429.
