@@ -55,8 +55,8 @@ def wait_http_ok(url: str, timeout: float, headers: dict[str, str] | None = None
     raise ProbeError(f"{url} did not answer 200 within {timeout:.0f} s (last: {last})")
 
 
-def model_info(url: str) -> dict[str, Any]:
-    response = httpx.get(f"{url}/model", timeout=10)
+def model_info(url: str, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    response = httpx.get(f"{url}/model", headers=headers, timeout=10)
     expect(response.status_code == 200, f"GET /model: {response.status_code} {response.text[:300]}")
     info: dict[str, Any] = response.json()
     return info
@@ -93,15 +93,19 @@ def records_from_schema(info: dict[str, Any], count: int) -> list[dict[str, Any]
     return records
 
 
-def check_predict_batch(url: str, records: list[dict[str, Any]]) -> None:
-    response = httpx.post(f"{url}/predict_batch", json=records, timeout=60)
+def check_predict_batch(
+    url: str, records: list[dict[str, Any]], headers: dict[str, str] | None = None
+) -> None:
+    response = httpx.post(f"{url}/predict_batch", json=records, headers=headers, timeout=60)
     expect(response.status_code == 200, f"POST /predict_batch: {response.status_code} {response.text[:500]}")
     expect(len(response.json()) == len(records), "/predict_batch did not answer every record")
 
 
-def check_predict(url: str, info: dict[str, Any], record: dict[str, Any]) -> Any:
-    """POST /predict with one record; returns the prediction."""
-    response = httpx.post(f"{url}/predict", json=record, timeout=30)
+def check_predict(
+    url: str, info: dict[str, Any], record: dict[str, Any], headers: dict[str, str] | None = None
+) -> Any:
+    """POST /predict with one record (`headers`: e.g. an API key's); returns the prediction."""
+    response = httpx.post(f"{url}/predict", json=record, headers=headers, timeout=30)
     expect(response.status_code == 200, f"POST /predict: {response.status_code} {response.text[:500]}")
     answer = response.json()
     expect(
@@ -110,6 +114,15 @@ def check_predict(url: str, info: dict[str, Any], record: dict[str, Any]) -> Any
         f"{info['model']}:{info['version']}",
     )
     return answer["prediction"]
+
+
+def check_refused_without_key(url: str, record: dict[str, Any]) -> None:
+    """With auth on: no key is 401 with WWW-Authenticate, before anything is predicted."""
+    response = httpx.post(f"{url}/predict", json=record, timeout=30)
+    expect(
+        response.status_code == 401 and response.headers.get("www-authenticate") == "Bearer",
+        f"POST /predict without a key: {response.status_code} {response.text[:300]}",
+    )
 
 
 def check_bad_request(url: str, record: dict[str, Any]) -> None:

@@ -10,7 +10,7 @@ Steps, each timed:
    the compose stack does, and check /readyz, GET /model, POST /predict, a bad request (400), OIP REST,
    OIP gRPC ModelInfer, /metrics, that no process runs as root and that the prediction log is on the volume;
 4. run it again as Kubernetes does (deploy/k8s: read-only root, writable /tmp only, uid 1034, its own
-   prediction-log folder) and predict once;
+   prediction-log folder, the API keys mounted as its Secret is): no key gets 401, the key predicts;
 5. run the compose file's `drift` service environment on the same volume: the model and the log are
    visible, and `python -m drift report` judges the logged rows and writes latest.json and a snapshot;
    then deploy/k8s's drift CronJob command, read-only as there, over every pod's log folder;
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -47,6 +48,7 @@ import yaml
 from deploy.build import BuildError, build_bento
 from deploy.container import probes
 from deploy.manifests import ManifestError, kustomize
+from serving import auth
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = PROJECT_ROOT / "deploy" / "compose" / "compose.yaml"
@@ -274,22 +276,40 @@ def serve(engine: Engine, image: str, volume: str, timings: Timings) -> tuple[st
     return container, url
 
 
-def serve_like_kubernetes(engine: Engine, image: str, volume: str, timings: Timings) -> None:
+def kubernetes_api_keys(work: Path) -> tuple[Path, str]:
+    """A folder laid out as Kubernetes mounts deploy/k8s's Secret tabserve-api-keys (one file per key of the
+    Secret, here `keys`), holding the line of a new key; and that key."""
+    folder = work / "api-keys"
+    folder.mkdir()
+    raw_key = auth.KEY_PREFIX + secrets.token_urlsafe(32)
+    (folder / "keys").write_text(f"smoke:{auth.digest_of(raw_key).hex()}:predict\n")
+    folder.chmod(0o755)  # read by the container's uid 1034, as the Secret's defaultMode lets it
+    (folder / "keys").chmod(0o644)
+    return folder, raw_key
+
+
+def serve_like_kubernetes(engine: Engine, image: str, volume: str, work: Path, timings: Timings) -> None:
     port, grpc_port = free_port(), free_port()
     url = f"http://127.0.0.1:{port}"
     folder = f"{STATE_DIR}/predictions/pod-a"
-    # The settings of deploy/k8s/base/deployment.yaml that differ from a plain `run`.
+    keys, raw_key = kubernetes_api_keys(work)
+    deployment = kubernetes_deployment_env()
+    # The settings of deploy/k8s/base/deployment.yaml that differ from a plain `run`, its API keys included.
     options = ["--read-only", "--tmpfs", "/tmp", "--user", "1034:1034", "-v", f"{volume}:{STATE_DIR}"]
+    options += ["-v", f"{keys}:{deployment['TABSERVE_AUTH_KEYS_FILE']}:ro"]
+    options += ["-e", f"TABSERVE_AUTH_KEYS_FILE={deployment['TABSERVE_AUTH_KEYS_FILE']}"]
     options += ["-e", "BENTOML_HOME=/tmp/bentoml", "-e", f"TABSERVE_PREDICTION_LOG_DIR={folder}"]
     options += ["-e", "TABSERVE_GRPC_HOST=127.0.0.1", "-e", f"TABSERVE_GRPC_PORT={grpc_port}"]
     container = engine.start("k8s", image, options, ["--host", "127.0.0.1", "--port", str(port)])
+    key = {"Authorization": f"Bearer {raw_key}"}
     try:
-        with timings.step("as deploy/k8s runs it: read-only root, /tmp, uid 1034, own log folder"):
-            probes.wait_ready(url, 180, lambda: engine.running(container))
-            info = probes.model_info(url)
-            probes.check_predict(url, info, probes.record_from_schema(info))
+        with timings.step("as deploy/k8s runs it: read-only root, /tmp, uid 1034, own log folder, API keys"):
+            probes.wait_ready(url, 180, lambda: engine.running(container))  # probes need no key
+            info = probes.model_info(url, key)
+            probes.check_refused_without_key(url, probes.record_from_schema(info))
+            probes.check_predict(url, info, probes.record_from_schema(info), key)
             # Rows for the CronJob's drift report (check_kubernetes_drift_job).
-            probes.check_predict_batch(url, probes.records_from_schema(info, 60))
+            probes.check_predict_batch(url, probes.records_from_schema(info, 60), key)
             check_log_on_volume(engine, container, folder)
     except Exception:
         print(engine.logs(container), file=sys.stderr)
@@ -334,6 +354,14 @@ def run_drift_report(engine: Engine, arguments: list[str]) -> None:
         result.returncode in DRIFT_VERDICTS,
         f"the drift report exited {result.returncode}:\n{(result.stdout + result.stderr)[-3000:]}",
     )
+
+
+def kubernetes_deployment_env() -> dict[str, str]:
+    """The environment that deploy/k8s/base's Deployment gives the service's container."""
+    resources = kustomize(PROJECT_ROOT / "deploy" / "k8s" / "base")
+    deployment = next(item for item in resources if item["kind"] == "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    return {item["name"]: item["value"] for item in container["env"] if "value" in item}
 
 
 def kubernetes_drift_job() -> tuple[dict[str, Any], dict[str, str]]:
@@ -415,7 +443,7 @@ def smoke(engine: Engine, timings: Timings) -> None:
         container, url = serve(engine, image, volume, timings)
         # MLflow and the Evidently UI start while the rest runs: on two cores every second counts.
         tools = start_compose_tools(engine, image, volume)
-        serve_like_kubernetes(engine, image, volume, timings)
+        serve_like_kubernetes(engine, image, volume, work, timings)
         check_drift_job(engine, image, volume, timings)
         check_kubernetes_drift_job(engine, image, volume, timings)
         check_compose_tools(engine, tools, timings)
