@@ -28,6 +28,11 @@ from tests.conftest import Server, Stores, free_port, start_server, unavailable,
 from tests.test_service import metric_values
 
 MAX_QUEUE_MS = 500
+# Per worker. The kernel splits the connections between the two workers as it likes: at the default (128)
+# 256 gRPC calls split evenly fill both workers exactly and nothing need be refused (a CI run saw that:
+# 25,640 calls, every one answered in ~20 ms). At 64, the load below is 2x (gRPC) and 4x (HTTP) what both
+# workers take together, whatever the split: refusals are certain.
+MAX_CONCURRENCY = 64
 # What the clients may see at the 99th percentile of accepted requests: the bound is on the time a worker
 # expects a request to take once admitted; the clients also see the time before it (reading, the event
 # loop's turn) and the pauses of a shared machine. Without admission control nothing is refused and the
@@ -63,6 +68,7 @@ def overloadable(
         TABSERVE_PREDICTION_LOG_DIR=str(folder / "predictions"),
         TABSERVE_FEEDBACK_LOG_DIR=str(folder / "feedback"),
         TABSERVE_MAX_QUEUE_MS=str(MAX_QUEUE_MS),
+        TABSERVE_MAX_CONCURRENCY=str(MAX_CONCURRENCY),
     )
     output = folder / "server-output.txt"
     process = start_server(env, port, output)
