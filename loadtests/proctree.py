@@ -10,6 +10,7 @@ import contextlib
 import os
 import threading
 from pathlib import Path
+from typing import Self
 
 PROC = Path("/proc")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -85,17 +86,16 @@ def runqueue_wait_seconds(root: int) -> float:
     return waited / 1e9
 
 
-class PeakRss:
-    """Samples the tree's resident memory in a background thread and keeps the highest value."""
+class Sampler:
+    """Calls `sample()` every `interval` seconds in a background thread while the `with` block runs."""
 
-    def __init__(self, root: int, interval: float = 0.25) -> None:
+    def __init__(self, root: int, interval: float) -> None:
         self.root = root
         self.interval = interval
-        self.peak = 0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"peak-rss-{root}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"{type(self).__name__}-{root}", daemon=True)
 
-    def __enter__(self) -> PeakRss:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -103,7 +103,21 @@ class PeakRss:
         self._stop.set()
         self._thread.join()
 
+    def sample(self) -> None:
+        raise NotImplementedError
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes(self.root))
+            self.sample()
             self._stop.wait(self.interval)
+
+
+class PeakRss(Sampler):
+    """The highest resident memory of the tree while the `with` block runs."""
+
+    def __init__(self, root: int, interval: float = 0.25) -> None:
+        super().__init__(root, interval)
+        self.peak = 0
+
+    def sample(self) -> None:
+        self.peak = max(self.peak, rss_bytes(self.root))

@@ -30,7 +30,6 @@ import json
 import os
 import re
 import statistics
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -274,35 +273,28 @@ def summary(result: Result) -> str:
     return "\n".join(lines)
 
 
-class _Sampler:
+class _Sampler(proctree.Sampler):
     """The server tree's resident memory and run-queue wait, and the load average, every `interval` s."""
 
     def __init__(self, root: int, interval: float) -> None:
-        self.root, self.interval = root, interval
+        super().__init__(root, interval)
         self.samples: list[Sample] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="soak-sampler", daemon=True)
-
-    def __enter__(self) -> _Sampler:
         self._started = time.monotonic()
-        self._thread.start()
-        return self
+        self._last: tuple[float, float] | None = None  # when the previous sample was taken, the wait then
 
-    def __exit__(self, *_exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        waited = proctree.runqueue_wait_seconds(self.root)
-        while not self._stop.wait(self.interval):
-            previous, waited = waited, proctree.runqueue_wait_seconds(self.root)
-            sample = Sample(
-                at=round(time.monotonic() - self._started, 1),
-                rss_mib=round(proctree.rss_bytes(self.root) / 2**20, 1),
-                load_average=round(os.getloadavg()[0], 2),
-                runqueue_wait=round((waited - previous) / self.interval, 3),
+    def sample(self) -> None:
+        now, waited = time.monotonic(), proctree.runqueue_wait_seconds(self.root)
+        if self._last is not None:  # the wait is a rate: from the second sample on
+            then, waited_then = self._last
+            self.samples.append(
+                Sample(
+                    at=round(now - self._started, 1),
+                    rss_mib=round(proctree.rss_bytes(self.root) / 2**20, 1),
+                    load_average=round(os.getloadavg()[0], 2),
+                    runqueue_wait=round((waited - waited_then) / (now - then), 3),
+                )
             )
-            self.samples.append(sample)
+        self._last = now, waited
 
 
 def _scrape(url: str) -> list[tuple[str, dict[str, str], float]]:
