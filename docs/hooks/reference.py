@@ -77,13 +77,16 @@ def code(value: str) -> str:
 
 def settings_table() -> str:
     settings_class = importlib.import_module("settings").Settings
-    rows = ["| variable | type | default | bounds | description |", "| --- | --- | --- | --- | --- |"]
+    # Three columns, type, default and bounds stacked in one: five leave the names too little room.
+    rows = ["| variable | type, default, bounds | description |", "| --- | --- | --- |"]
     for name, field in settings_class.model_fields.items():
+        bounds = bounds_text(field)
         cells = (
             "<br>".join(code(variable) for variable in environment_variables(name, field)),
-            code(type_name(field.annotation)),
-            default_text(field.default),
-            text(bounds_text(field)),
+            "<br>".join(
+                (code(type_name(field.annotation)), f"default {default_text(field.default)}")
+                + ((text(bounds),) if bounds else ())
+            ),
             text(field.description or ""),
         )
         rows.append("| " + " | ".join(cells) + " |")
