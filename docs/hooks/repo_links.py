@@ -38,9 +38,14 @@ class Site:
         self.current_page = ""
 
     def learn(self, files: Files) -> None:
+        """Read again at every build (`make docs` rebuilds in the same process)."""
+        self.page_of_file.clear()
+        self.page_of_anchor.clear()
         for file in files.documentation_pages():
             for match in SNIPPET.finditer(file.content_string):
                 path, section = match["path"], match["section"]
+                if not (PROJECT_ROOT / path).is_file():
+                    continue  # pymdownx.snippets refuses it, naming it
                 content = (PROJECT_ROOT / path).read_text(encoding="utf-8")
                 if section is None:
                     self.page_of_file[path] = file.src_uri
@@ -82,8 +87,10 @@ class Site:
 
 
 def section_text(content: str, section: str) -> str:
-    start, end = f"[start:{section}]", f"[end:{section}]"
-    return content.split(start, 1)[1].split(end, 1)[0]
+    """The text between a section's markers; empty when there is no such section (pymdownx.snippets refuses
+    it, naming it)."""
+    _, _, after_start = content.partition(f"[start:{section}]")
+    return after_start.partition(f"[end:{section}]")[0]
 
 
 def heading_anchors(content: str) -> list[str]:
