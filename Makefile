@@ -9,7 +9,7 @@ export OMP_NUM_THREADS ?= 1
 # Use the system's CA store, so that PyPI works behind a TLS-intercepting proxy too.
 export UV_NATIVE_TLS ?= 1
 
-.PHONY: setup train serve build test lint format clean drift-report simulate drift-bench containerize smoke dashboard loadtest bench bench-quick bench-swap bench-scorers profile fuzz soak
+.PHONY: setup train serve build test lint format clean docs docs-build drift-report simulate drift-bench containerize smoke dashboard loadtest bench bench-quick bench-swap bench-scorers profile fuzz soak
 
 setup: .venv/.synced
 
@@ -126,6 +126,15 @@ profile: setup
 
 test: setup
 	.venv/bin/pytest
+
+# The documentation site (mkdocs.yml): `docs` serves it with live reload on http://127.0.0.1:8000, `docs-build`
+# builds it into site/ and fails on any warning (a broken link or anchor, a page outside the nav), as CI does.
+# NO_MKDOCS_2_WARNING: Material's banner about MkDocs 2 on every run, which says nothing about this site.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs serve --dev-addr 127.0.0.1:8000
+
+docs-build: setup
+	NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --site-dir site
 
 lint: setup
 	.venv/bin/ruff check .
