@@ -61,12 +61,12 @@ def github_lists(lines: list[str]) -> list[str]:
     return out
 
 
-class GithubLists(Preprocessor):  # type: ignore[misc]  # markdown has no type hints
+class GithubLists(Preprocessor):
     def run(self, lines: list[str]) -> list[str]:
         return github_lists(lines)
 
 
-class GithubListsExtension(Extension):  # type: ignore[misc]
+class GithubListsExtension(Extension):
     def extendMarkdown(self, md: Markdown) -> None:  # noqa: N802 (Python-Markdown's name)
         # After pymdownx.snippets has included the files (32), before anything reads blocks or fences.
         md.preprocessors.register(GithubLists(md), "github_lists", 31.5)

@@ -108,7 +108,7 @@ def heading_anchors(content: str) -> list[str]:
 SITE = Site()
 
 
-class RepoLinks(Treeprocessor):  # type: ignore[misc]  # markdown has no type hints
+class RepoLinks(Treeprocessor):
     def run(self, root: ET.Element) -> None:
         anchors_here = {element.get("id", "") for element in root.iter()}
         for link in root.iter("a"):
@@ -117,7 +117,7 @@ class RepoLinks(Treeprocessor):  # type: ignore[misc]  # markdown has no type hi
                 link.set("href", target)
 
 
-class RepoLinksExtension(Extension):  # type: ignore[misc]
+class RepoLinksExtension(Extension):
     def extendMarkdown(self, md: Markdown) -> None:  # noqa: N802 (Python-Markdown's name)
         # After the headings get their ids (toc, 5), before mkdocs checks and rewrites links (relpath, 0).
         md.treeprocessors.register(RepoLinks(md), "repo_links", 1)
