@@ -256,7 +256,13 @@ class StoredModel:
         return pipeline
 
     def load_reference(self) -> pd.DataFrame:
-        return pd.read_parquet(self.path / REFERENCE_FILE)
+        """The reference rows as `reference_set` made them. Parquet gives a missing category back as None,
+        where the model was given NaN: its imputer takes only NaN for missing, so None would be scored as
+        one more category (and a version of a model with categories never reproduced its predictions)."""
+        reference = pd.read_parquet(self.path / REFERENCE_FILE)
+        for name in self.schema.names_of(FeatureKind.CATEGORICAL):
+            reference[name] = reference[name].astype(object).where(reference[name].notna(), np.nan)
+        return reference
 
     def load_holdout(self) -> pd.DataFrame:
         return pd.read_parquet(self.path / HOLDOUT_FILE)

@@ -14,9 +14,21 @@ import pandas as pd
 import pytest
 
 from models import evaluation, registry
-from models.data import load_default
-from models.store import PREDICTION_COLUMN, PROBABILITY_PREFIX, TARGET_COLUMN, StoredModel
+from models.candidates import candidates
+from models.data import Task, load_default
+from models.schema import FeatureSchema
+from models.store import (
+    PREDICTION_COLUMN,
+    PROBABILITY_PREFIX,
+    TARGET_COLUMN,
+    StoredModel,
+    holdout_set,
+    reference_set,
+    reproduction_problem,
+    write_files,
+)
 from tests.conftest import PROJECT_ROOT, Stores
+from tests.tables import mixed_table
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +181,22 @@ def test_a_version_is_fetched_into_an_empty_store_from_its_mlflow_run(
         "model.onnx",
     ):
         assert (Path(path) / file).read_bytes() == (stored.path / file).read_bytes(), file
+
+
+def test_reference_rows_read_back_as_the_model_was_given_them(tmp_path: Path) -> None:
+    """Missing categories come back from Parquet as None; the model was given NaN, and its imputer takes
+    only NaN: read as None, a model with categories never reproduced its stored predictions, so a service
+    following the champion refused every new version of it."""
+    table = mixed_table(300)
+    X, y = table.drop(columns=["segment", "customer_id"]), table["segment"]
+    schema = FeatureSchema.infer(X)
+    pipeline = candidates(Task.CLASSIFICATION, schema, seed=0)["logistic_regression"]
+    pipeline.fit(schema.prepare(X), y)
+    reference = reference_set(pipeline, schema, X, y, Task.CLASSIFICATION, rows=300, seed=0)
+    assert reference["city"].isna().any()
+    write_files(tmp_path, pipeline, schema, reference, holdout_set(X, y))
+    metadata = {"task": "classification", "classes": pipeline.classes_.tolist()}
+    model = StoredModel("mixed:test", "mixed", "test", tmp_path, {}, metadata, schema)
+    read = model.load_reference()
+    assert all(isinstance(value, float) for value in read["city"][read["city"].isna()])  # NaN, not None
+    assert reproduction_problem(model) is None
