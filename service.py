@@ -375,24 +375,29 @@ class Tabserve:
 
     @bentoml.on_startup
     async def watch_drift_reports(self) -> None:
-        self._drift_watch = asyncio.create_task(self._export_drift_every(DRIFT_REFRESH_SECONDS))
+        # Read once before the first request, so that /model shows the verdicts from the start.
+        await self._read_reports()
+        self._drift_watch = asyncio.create_task(self._read_reports_every(DRIFT_REFRESH_SECONDS))
 
-    async def _export_drift_every(self, seconds: float) -> None:
+    async def _read_reports_every(self, seconds: float) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            await self._read_reports()
+
+    async def _read_reports(self) -> None:
         """The latest drift and live-performance verdicts (`python -m drift report` / `performance`), into
         /metrics and /model."""
         metrics = serving_metrics()
-        while True:
-            drift = await asyncio.to_thread(read_latest, settings.drift_reports_dir, champion.name)
-            if drift is not None:
-                export_latest_drift(metrics, drift)
-            performance = await asyncio.to_thread(
-                read_latest_performance, settings.drift_reports_dir, champion.name
-            )
-            if performance is not None:
-                export_latest_performance(metrics, performance)
-            # Replaced whole: a /model answer never mixes two reads.
-            self.monitoring = {"drift": drift, "performance": performance}
-            await asyncio.sleep(seconds)
+        drift = await asyncio.to_thread(read_latest, settings.drift_reports_dir, champion.name)
+        if drift is not None:
+            export_latest_drift(metrics, drift)
+        performance = await asyncio.to_thread(
+            read_latest_performance, settings.drift_reports_dir, champion.name
+        )
+        if performance is not None:
+            export_latest_performance(metrics, performance)
+        # Replaced whole: a /model answer never mixes two reads.
+        self.monitoring = {"drift": drift, "performance": performance}
 
     @bentoml.on_startup
     async def start_grpc(self) -> None:

@@ -538,7 +538,7 @@ function lineage(model) {
 
 function metricsTable(model) {
   const rows = Object.entries(model.test_metrics || {});
-  return element(
+  return element("div", { class: "scroll" }, element(
     "table",
     {},
     element("thead", {}, element("tr", {}, element("th", { scope: "col" }, "Metric"), element("th", { scope: "col" }, "Value"))),
@@ -548,7 +548,7 @@ function metricsTable(model) {
       element("th", { scope: "row" }, name === model.metric ? `${name} (the metric it was chosen by)` : name),
       element("td", { class: "number" }, formatNumber(value)),
     ))),
-  );
+  ));
 }
 
 function notRecorded() {
