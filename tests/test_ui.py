@@ -3,7 +3,7 @@ serve`: the breast-cancer server of the session (numbers only) and a server of t
 trained on tests/tables.py's mixed table (numbers, booleans, categories, missing values).
 
 Every page records the requests the browser made: none may leave the server (the page works offline).
-Screenshots go to a temporary folder; TABSERVE_UI_SCREENSHOTS=docs/screenshots makes the committed ones.
+Screenshots go to a temporary folder; UI_SCREENSHOTS_DIR=docs/screenshots makes the committed ones.
 """
 
 from __future__ import annotations
@@ -422,7 +422,7 @@ def _low_contrast(page: Any) -> list[Any]:
 
 
 def test_screenshots_at_desktop_and_phone_sizes(server: Server, visit: Any, tmp_path: Path) -> None:
-    folder = Path(os.environ.get("TABSERVE_UI_SCREENSHOTS") or tmp_path)
+    folder = Path(os.environ.get("UI_SCREENSHOTS_DIR") or tmp_path)
     folder.mkdir(parents=True, exist_ok=True)
     desktop = visit(server.url, DESKTOP)
     desktop.get_by_role("button", name="Predict").click()
