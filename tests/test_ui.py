@@ -21,6 +21,7 @@ import httpx
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
+from serving.auth import digest_of
 from tests.conftest import (
     LATEST_DRIFT,
     Server,
@@ -36,6 +37,8 @@ from tests.tables import breast_cancer_table, mixed_table
 
 MIXED = "ui_mixed"
 FOLLOWED = "ui_follow"
+API_KEY = "tsk_a-key-for-the-page"
+WITH_KEY = {"Authorization": f"Bearer {API_KEY}"}
 FEATURES = ["age", "income", "city", "member"]
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 375, "height": 740}
@@ -77,9 +80,10 @@ class Visit:
         self.page: Any = self.context.new_page()
         self.page.on("pageerror", lambda error: self.errors.append(str(error)))
 
-    def open(self) -> Any:
+    def open(self, *, form: bool) -> Any:
         self.page.goto("/")
-        expect(self.page.locator("#fields .field").first).to_be_visible()
+        if form:
+            expect(self.page.locator("#fields .field").first).to_be_visible()
         return self.page
 
     def check_and_close(self) -> None:
@@ -93,13 +97,14 @@ class Visit:
 
 @pytest.fixture
 def visit(browser: Any) -> Iterator[Any]:
-    """visit(url, viewport=DESKTOP) opens the page at the server's root; checked and closed afterwards."""
+    """visit(url, viewport=DESKTOP) opens the page at the server's root and waits for its form (unless
+    form=False); checked and closed afterwards."""
     opened: list[Visit] = []
 
-    def open_page(url: str, viewport: dict[str, int] = DESKTOP) -> Any:
+    def open_page(url: str, viewport: dict[str, int] = DESKTOP, *, form: bool = True) -> Any:
         made = Visit(browser, url, viewport)
         opened.append(made)
-        return made.open()
+        return made.open(form=form)
 
     yield open_page
     for made in opened:
@@ -128,7 +133,7 @@ def train_mixed(stores: Stores, *extra: str) -> None:
     )
 
 
-def serve(stores: Stores, folder: Path, model: str) -> Iterator[Server]:
+def serve(stores: Stores, folder: Path, model: str, **settings: str) -> Iterator[Server]:
     """A server of `model` that follows its champion every second."""
     port = free_port()
     env = stores.env(
@@ -139,6 +144,7 @@ def serve(stores: Stores, folder: Path, model: str) -> Iterator[Server]:
         TABSERVE_FEEDBACK_LOG_DIR=str(folder / "feedback"),
         TABSERVE_REPORTS_DIR=str(folder / "reports"),
         TABSERVE_RELOAD_SECONDS="1",
+        **settings,
     )
     output = folder / "server-output.txt"
     process = start_server(env, port, output)
@@ -182,9 +188,13 @@ def train_following(stores: Stores, *extra: str) -> None:
 def following(stores: Stores, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A model of its own whose champion the test changes. Not the mixed one: serving/follow.py refuses
     every new version of a mixed-table model today (its reproduction check, models/store.py
-    reproduction_problem, finds the reference rows' probabilities differ by ~0.05)."""
+    reproduction_problem, finds the reference rows' probabilities differ by ~0.05). With API keys."""
     train_following(stores)
-    yield from serve(stores, tmp_path_factory.mktemp("ui-follow"), FOLLOWED)
+    folder = tmp_path_factory.mktemp("ui-follow")
+    (folder / "keys.txt").write_text(f"person:{digest_of(API_KEY).hex()}\n")
+    # With API keys, the page open to all (TABSERVE_AUTH_DOCS=false) and the API behind a key.
+    keys = {"TABSERVE_AUTH_KEYS_FILE": str(folder / "keys.txt"), "TABSERVE_AUTH_DOCS": "false"}
+    yield from serve(stores, folder, FOLLOWED, **keys)
 
 
 def field(page: Any, name: str) -> Any:
@@ -441,9 +451,22 @@ def test_screenshots_at_desktop_and_phone_sizes(server: Server, visit: Any, tmp_
 # ---- following the champion -------------------------------------------------------------------------
 
 
-def test_the_page_follows_a_new_champion(following: Server, stores: Stores, visit: Any) -> None:
-    page = visit(following.url)
-    before = httpx.get(f"{following.url}/model", timeout=30).json()
+def test_the_page_asks_for_a_key_and_follows_a_new_champion(
+    following: Server, stores: Stores, visit: Any
+) -> None:
+    page = visit(following.url, form=False)
+    # The API answered 401: the page asks for a key, says why, and keeps it for the tab only.
+    key = page.get_by_label("API key", exact=True)
+    expect(key).to_be_focused()
+    expect(page.locator("#key-why")).to_contain_text("an API key is required")
+    key.fill("tsk_not-a-key")
+    key.press("Enter")
+    expect(page.locator("#key-why")).to_contain_text("the API key is not valid")
+    key.fill(API_KEY)
+    key.press("Enter")
+    expect(page.locator("#key-form")).to_be_hidden()
+    assert page.evaluate("sessionStorage.getItem('tabserve.apiKey')") == API_KEY
+    before = httpx.get(f"{following.url}/model", headers=WITH_KEY, timeout=30).json()
     expect(page.locator("#served")).to_contain_text(before["version"])
     field(page, "mean radius").fill("17.5")
     train_following(stores, "--force")
@@ -461,14 +484,16 @@ def _wait_for_new_version(server: Server, old: str) -> str:
     when a worker refuses it."""
     record = breast_cancer_table().drop(columns="diagnosis").iloc[0].to_dict()
     for _ in range(120):
-        following = httpx.get(f"{server.url}/model", timeout=30).json()["following"]
+        following = httpx.get(f"{server.url}/model", headers=WITH_KEY, timeout=30).json()["following"]
         if following["last_problem"]:
             raise AssertionError(following["last_problem"])
         versions = {
-            httpx.post(f"{server.url}/predict", json=record, timeout=30).json().get("version")
+            httpx.post(f"{server.url}/predict", json=record, headers=WITH_KEY, timeout=30)
+            .json()
+            .get("version")
             for _ in range(6)
         }
-        if len(versions) == 1 and old not in versions and None not in versions:
+        if len(versions) == 1 and old not in versions:
             return str(versions.pop())
         time.sleep(0.5)
     raise AssertionError(f"the server still serves {old}")
