@@ -615,7 +615,10 @@ function residualPlot(pairs) {
     svg.append(svgElement("circle", { cx: x(p), cy: y(residuals[i]), r: 3, fill: BAR }));
   });
   svg.append(svgElement("text", { x: width / 2, y: height - 4, "text-anchor": "middle" }, "predicted"));
-  svg.append(svgElement("text", { x: 4, y: 14 }, "actual − predicted"));
+  svg.append(svgElement("text", { x: margin, y: height - 4 }, formatNumber(xMin, 3)));
+  svg.append(svgElement("text", { x: width - margin, y: height - 4, "text-anchor": "end" }, formatNumber(xMax, 3)));
+  svg.append(svgElement("text", { x: 4, y: 14 }, `actual − predicted (up to ±${formatNumber(extent, 3)})`));
+  svg.append(svgElement("text", { x: 4, y: y(0) - 4 }, "0"));
   const table = element(
     "table",
     {},
