@@ -298,6 +298,7 @@ def test_an_invalid_value_shows_the_servers_message_beside_its_field(server: Ser
         expect(radius).to_have_attribute("aria-invalid", "true")
         expect(radius).to_be_focused()
         expect(page.locator("#form-error[role=alert]")).to_contain_text("mean radius")
+    assert _low_contrast(page) == []  # the errors too
     radius.fill(str(record["mean radius"]))
     page.get_by_role("button", name="Predict").click()
     expect(page.locator(".prediction")).to_be_visible()
