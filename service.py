@@ -1,6 +1,7 @@
 """The BentoML services: typed, adaptively batched predictions from the champion in the BentoML store.
 
-    bentoml serve        # HTTP and OIP REST on :3000 (OpenAPI page at /, spec /docs.json), OIP gRPC on :3001
+    bentoml serve        # HTTP and OIP REST on :3000 (web page at /ui/, OpenAPI page at /docs, spec
+                         # /docs.json), OIP gRPC on :3001
 
 - `Tabserve` owns the transports: BentoML HTTP APIs typed from the stored feature schema, the Open
   Inference Protocol over REST (mounted at /v2) and over gRPC (its own server, started with the service).
@@ -50,6 +51,7 @@ from serving.follow import Follower
 from serving.metrics import export_latest_drift, export_latest_performance, serving_metrics
 from serving.model import InProcessModel, RowPredictor, VersionedPredictors, planned_scorer, with_version
 from serving.oip.grpc_server import GrpcServer, check_port_free, start_grpc_server
+from serving.pages import PagePaths, ui_route
 from serving.predlog import JsonLinesLog
 from serving.rest import (
     HttpAuth,
@@ -202,6 +204,7 @@ extra_routes = FastAPI(
             current_plane, settings.max_upload_bytes, settings.file_chunk_rows, settings.upload_idle_seconds
         ),
         *oip_rest.routes(current_plane),
+        ui_route(),
     ],
     openapi_url=None,
     docs_url=None,
@@ -293,6 +296,8 @@ class Tabserve:
         )
         # Labels are checked against the classes, which a swap never changes (serving/follow.py).
         self.feedback = FeedbackDesk(self.plane, self.answered, self.feedback_log, metrics)
+        # The latest drift and performance verdicts as /model shows them (None until a report is read).
+        self.monitoring: dict[str, dict[str, Any] | None] = {"drift": None, "performance": None}
         self.grpc: GrpcServer | None = None
         self._grpc_stopped: asyncio.Future[None] | None = None
 
@@ -339,8 +344,9 @@ class Tabserve:
         ).set(value)
 
     def model_info(self) -> dict[str, Any]:
-        """/model: the served version, with the alias as the registry names it now, and following."""
-        info = self.plane.model_info()
+        """/model: the served version, with the alias as the registry names it now, following, and the
+        latest drift and performance verdicts."""
+        info = {**self.plane.model_info(), "monitoring": self.monitoring}
         if self.follower is None:
             return {**info, "following": None}
         state = self.follower.state
@@ -369,21 +375,29 @@ class Tabserve:
 
     @bentoml.on_startup
     async def watch_drift_reports(self) -> None:
-        self._drift_watch = asyncio.create_task(self._export_drift_every(DRIFT_REFRESH_SECONDS))
+        # Read once before the first request, so that /model shows the verdicts from the start.
+        await self._read_reports()
+        self._drift_watch = asyncio.create_task(self._read_reports_every(DRIFT_REFRESH_SECONDS))
 
-    async def _export_drift_every(self, seconds: float) -> None:
-        """The latest drift and live-performance verdicts (`python -m drift report` / `performance`)."""
-        metrics = serving_metrics()
+    async def _read_reports_every(self, seconds: float) -> None:
         while True:
-            drift = await asyncio.to_thread(read_latest, settings.drift_reports_dir, champion.name)
-            if drift is not None:
-                export_latest_drift(metrics, drift)
-            performance = await asyncio.to_thread(
-                read_latest_performance, settings.drift_reports_dir, champion.name
-            )
-            if performance is not None:
-                export_latest_performance(metrics, performance)
             await asyncio.sleep(seconds)
+            await self._read_reports()
+
+    async def _read_reports(self) -> None:
+        """The latest drift and live-performance verdicts (`python -m drift report` / `performance`), into
+        /metrics and /model."""
+        metrics = serving_metrics()
+        drift = await asyncio.to_thread(read_latest, settings.drift_reports_dir, champion.name)
+        if drift is not None:
+            export_latest_drift(metrics, drift)
+        performance = await asyncio.to_thread(
+            read_latest_performance, settings.drift_reports_dir, champion.name
+        )
+        if performance is not None:
+            export_latest_performance(metrics, performance)
+        # Replaced whole: a /model answer never mixes two reads.
+        self.monitoring = {"drift": drift, "performance": performance}
 
     @bentoml.on_startup
     async def start_grpc(self) -> None:
@@ -533,6 +547,7 @@ class Tabserve:
 
 if gate is not None:  # first: the outermost of ours, so a refused request's body is never read
     Tabserve.add_asgi_middleware(HttpAuth, gate=gate)  # type: ignore[attr-defined]
+Tabserve.add_asgi_middleware(PagePaths)  # type: ignore[attr-defined]
 Tabserve.add_asgi_middleware(  # type: ignore[attr-defined]
     HttpLimits, max_body_bytes=settings.max_body_bytes, max_upload_bytes=settings.max_upload_bytes
 )

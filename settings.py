@@ -104,7 +104,8 @@ class Settings(BaseSettings):
         default=False, description="/metrics needs a key with the right 'metrics' (auth on only)."
     )
     auth_docs: bool = Field(
-        default=True, description="The OpenAPI page (/, /docs.json) needs a key (auth on only)."
+        default=True,
+        description="The OpenAPI page (/docs, /docs.json) and the web page (/ui/) need a key (auth on only).",
     )
     auth_max_failures: int = Field(
         default=10,

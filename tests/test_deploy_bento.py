@@ -91,8 +91,11 @@ def test_the_bento_source_is_the_service_code_and_nothing_else(bento: Path, clon
             for path in (clone / package).rglob("*.py")
             if "__pycache__" not in path.parts
         }
+    # And the web page's files (serving/pages.py).
+    expected |= {path.relative_to(clone).as_posix() for path in (clone / "serving" / "ui").rglob("*")}
     assert packed == expected
     assert "serving/oip/grpc_server.py" in packed
+    assert "serving/ui/app.js" in packed
     assert "drift/__init__.py" in packed
 
 

@@ -9,6 +9,7 @@ import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,8 @@ def test_model_endpoint_describes_the_served_model(server: Server, stored: Store
     assert info["onnx"]["onnx"] == "exported"
     metadata = httpx.get(f"{server.url}/v2/models/breast_cancer", timeout=30).json()
     assert (metadata["platform"], metadata["parameters"]["scorer"]) == ("tabserve_compiled", "compiled")
+    # The latest drift and performance verdicts the server fixture left in its reports folder.
+    assert info["monitoring"] == {"drift": asdict(LATEST_DRIFT), "performance": asdict(LATEST_PERFORMANCE)}
 
 
 def with_change(record: dict[str, float], **change: object) -> str:
@@ -422,11 +425,12 @@ def test_openapi_page_describes_this_service_and_its_model(server: Server, store
     detail = spec["components"]["schemas"]["InvalidArgument"]["properties"]["detail"]
     assert detail["type"] == "array"
     assert {"400", "413", "415", "503"} <= set(spec["paths"]["/predict_batch"]["post"]["responses"])
-    # BentoML serves its Swagger UI at the root; /docs is no page.
-    page = httpx.get(f"{server.url}/", timeout=30)
+    # BentoML's Swagger UI moved to /docs (serving/pages.py): the root is the web page's.
+    page = httpx.get(f"{server.url}/docs", timeout=30)
     assert page.status_code == 200
     assert "swagger" in page.text.lower()
-    assert httpx.get(f"{server.url}/docs", timeout=30).status_code == 404
+    root = httpx.get(f"{server.url}/", headers={"Accept": "text/html"}, timeout=30)
+    assert (root.status_code, root.headers["location"]) == (307, "/ui/")
 
 
 def test_serve_without_a_model_says_to_train(stores: Stores, tmp_path: Path) -> None:
