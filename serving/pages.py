@@ -1,9 +1,10 @@
 """The web page for people (serving/ui/, at /ui/) and where BentoML's Swagger page moves to make room for it.
 
 BentoML answers `/` with its Swagger page. A person who opens the service should land on the page that
-scores a row instead, so `GET /` redirects to `/ui/`, and `/docs` is rewritten to the path BentoML serves
-Swagger at. The Swagger page loads its assets and spec by relative URLs (`./static_content/...`,
-`./docs.json`), which resolve the same from `/docs` as from `/`, so nothing else moves.
+scores a row instead, so `GET /` redirects to `/ui/`, and `/docs` serves our own copy of the Swagger page
+(serving/ui/openapi.html): BentoML's loads Google Tag Manager from the web, which a service that must work
+offline (and not report its users' visits) cannot serve. Swagger UI's assets stay BentoML's, at
+`/static_content/`, and the spec at `/docs.json`.
 
 The page's files are static: the page reads the model's feature schema from `GET /model` at run time and
 builds its form from it, so one set of files serves every model and follows the champion when it changes.
@@ -21,6 +22,7 @@ Scope = dict[str, Any]
 UI_DIR = Path(__file__).parent / "ui"
 UI_PATH = "/ui"
 DOCS_PATH = "/docs"
+OPENAPI_PAGE = f"{UI_PATH}/openapi.html"
 
 
 def ui_route() -> Mount:
@@ -30,8 +32,8 @@ def ui_route() -> Mount:
 
 
 class PagePaths:
-    """`GET /` -> 307 to /ui/; `/docs` -> BentoML's Swagger page (served at `/`). Added after HttpAuth, so
-    the gate judges the path the client asked for."""
+    """`GET /` -> 307 to /ui/; `/docs` -> the Swagger page. Added after HttpAuth, so the gate judges the
+    path the client asked for."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -43,7 +45,7 @@ class PagePaths:
                 await _redirect(send, f"{UI_PATH}/")
                 return
             if path == DOCS_PATH:
-                scope = {**scope, "path": "/", "raw_path": b"/"}
+                scope = {**scope, "path": OPENAPI_PAGE, "raw_path": OPENAPI_PAGE.encode()}
         await self.app(scope, receive, send)
 
 
