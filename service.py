@@ -640,12 +640,12 @@ class Tabserve:
     async def _explained(
         self, records: list[Any] | RecordValues | InvalidBody, endpoint: str, request: Any, one_record: bool
     ) -> Response:
-        if isinstance(records, InvalidBody):
-            return records.response()
         plane = self.plane  # once: the prediction and its explanation come from one version
         try:
             with tracing.request("http"):
-                check_json_media_type(request.headers.get("content-type"))
+                check_json_media_type(request.headers.get("content-type"))  # before the body's problems
+                if isinstance(records, InvalidBody):
+                    return records.response()
                 rows = plane.rows_from_records(records, in_a_list=not one_record)
                 batch, explanations = await plane.explain_rows(
                     rows, "http", endpoint, request.headers.get("x-request-id"), current_caller()

@@ -43,7 +43,8 @@ def importance(
 ) -> dict[str, Any]:
     """Permutation importance of every input column on held-out rows (`X` prepared): how much the metric
     worsens, in its own units, when the column's values are shuffled among the rows (near 0 or below: the
-    model does not rely on it). Columns by decreasing importance."""
+    model does not rely on it). `importances`: per column, the mean and standard deviation over the
+    repeats, columns by decreasing mean."""
     n_classes = int(y.nunique()) if metric.task is Task.CLASSIFICATION else 0
     result = permutation_importance(
         model, X, y, scoring=metric.scorer(n_classes), n_repeats=repeats, random_state=seed, n_jobs=1
@@ -56,20 +57,20 @@ def importance(
         "repeats": repeats,
         "seed": seed,
         "rows": len(X),
-        "features": [
-            {"feature": str(X.columns[index]), "mean": float(means[index]), "std": float(spreads[index])}
+        "importances": {
+            str(X.columns[index]): {"mean": float(means[index]), "std": float(spreads[index])}
             for index in order
-        ],
+        },
     }
 
 
 def importance_figure(result: dict[str, Any]) -> Figure:
-    shown = result["features"][:FIGURE_COLUMNS][::-1]
+    shown = list(result["importances"].items())[:FIGURE_COLUMNS][::-1]
     figure, axis = plt.subplots(figsize=(7, 0.3 * len(shown) + 1.5))
     axis.barh(
-        [entry["feature"] for entry in shown],
-        [entry["mean"] for entry in shown],
-        xerr=[entry["std"] for entry in shown],
+        [column for column, _ in shown],
+        [entry["mean"] for _, entry in shown],
+        xerr=[entry["std"] for _, entry in shown],
         color="#4c72b0",
     )
     axis.set_xlabel(f"{result['metric']} lost when the column is shuffled ({result['repeats']} repeats)")
@@ -79,8 +80,9 @@ def importance_figure(result: dict[str, Any]) -> Figure:
 
 
 def evaluation(model: Pipeline, X: pd.DataFrame, y: pd.Series, task: Task, seed: int) -> dict[str, Any]:
-    """The data of the held-out evaluation's figure, JSON-ready: the confusion matrix (rows: true class,
-    columns: predicted class, in `labels` order) or up to MAX_EVALUATION_PAIRS (predicted, actual) pairs."""
+    """The data of the held-out evaluation's figure, JSON-ready: the confusion matrix (`matrix`: counts,
+    rows the true class, columns the predicted class, both in `labels` order) or up to
+    MAX_EVALUATION_PAIRS (`predicted`, `actual`) pairs, for a residual plot."""
     if task is Task.REGRESSION:
         predicted = np.asarray(model.predict(X), dtype=np.float64)
         actual = y.to_numpy(dtype=np.float64)
@@ -97,4 +99,4 @@ def evaluation(model: Pipeline, X: pd.DataFrame, y: pd.Series, task: Task, seed:
     predicted = np.asarray(classes, dtype=object)[probabilities.argmax(axis=1)]
     labels = [str(label) for label in classes]
     counts = skm.confusion_matrix(y.astype(str).to_numpy(), predicted.astype(str), labels=labels)
-    return {"kind": "confusion_matrix", "rows": len(y), "labels": labels, "counts": counts.tolist()}
+    return {"kind": "confusion_matrix", "rows": len(y), "labels": labels, "matrix": counts.tolist()}

@@ -140,7 +140,6 @@ class Explainer:
         self.classes = [str(label) for label in classes] if classes is not None else None
         self.options = options or ExplainerOptions()
         reference = prepared_again(schema, reference)
-        self._reference = reference
         self.fallback: str | None = None  # why the estimator's own method was not used
         chosen = method or estimator_method(pipeline)
         if chosen not in METHODS:
@@ -217,6 +216,8 @@ class Explainer:
     def _explain_permutation(self, prepared: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         codec = _Codec(self.schema, [self._background, prepared])
         width = len(self.names)
+        # Made per call with the same seed (shap seeds numpy's global generator with it): a row always gets
+        # the same permutations, so the same explanation.
         explainer = self._shap.PermutationExplainer(
             lambda codes: self._pipeline_output(codec.decode(codes)),
             self._shap.maskers.Independent(codec.encode(self._background), max_samples=len(self._background)),
@@ -232,8 +233,7 @@ class Explainer:
     # ---- building ----------------------------------------------------------------------------------------
 
     def _build_in_model_space(self, method: str, reference: pd.DataFrame) -> None:
-        preprocess, estimator = self.pipeline[:-1], self.pipeline[-1]
-        self._preprocess, self._estimator = preprocess, estimator
+        estimator = self.pipeline[-1]
         width = self._transform(reference.head(1)).shape[1]
         origins = input_origins(self.pipeline, self.names)
         if len(origins) != width:

@@ -273,7 +273,7 @@ def train(options: TrainingOptions, settings: Settings, progress: Callable[[str]
         figure = model_card.importance_figure(importance)
         mlflow.log_figure(figure, "plots/permutation_importance.png")
         plt.close(figure)
-        top = ", ".join(entry["feature"] for entry in importance["features"][:3])
+        top = ", ".join(list(importance["importances"])[:3])
         progress(
             f"Permutation importance ({metric.name}, {importance['repeats']} repeats): most important {top} "
             f"({time.perf_counter() - card_started:.1f} s)"

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -96,7 +95,6 @@ class VersionExplainer:
         self.max_rows = max_rows
         self._explainer: Explainer | None = None
         self._failure: str | None = None
-        self._building = threading.Lock()
 
     @property
     def explainer(self) -> Explainer | None:
@@ -115,31 +113,31 @@ class VersionExplainer:
         return explanations
 
     def _built(self) -> Explainer:
-        with self._building:
-            if self._explainer is None and self._failure is None:
-                try:
-                    self._explainer = Explainer(
-                        self.model.pipeline,
-                        self.model.schema,
-                        self.model.classes,
-                        self.model.load_reference(),
-                        self.options,
-                    )
-                except Exception as exc:  # any failure is answered, and logged once
-                    self._failure = f"{type(exc).__name__}: {exc}"
-                    logger.exception("%s: no explainer could be built", self.model.tag)
-                else:
-                    built = self._explainer
-                    logger.info(
-                        "%s: %s explainer (%s) built in %.2f s%s",
-                        self.model.tag,
-                        built.method,
-                        built.output,
-                        built.build_seconds,
-                        f"; fell back from {built.fallback}" if built.fallback else "",
-                    )
-            if self._explainer is None:
-                raise ExplainerError(
-                    f"model {self.model.tag} cannot be explained: {self._failure}", "explainer_failed"
+        """The explainer, built at the first call (on the explain thread, the only one that calls this)."""
+        if self._explainer is None and self._failure is None:
+            try:
+                self._explainer = Explainer(
+                    self.model.pipeline,
+                    self.model.schema,
+                    self.model.classes,
+                    self.model.load_reference(),
+                    self.options,
                 )
-            return self._explainer
+            except Exception as exc:  # any failure is answered, and logged once
+                self._failure = f"{type(exc).__name__}: {exc}"
+                logger.exception("%s: no explainer could be built", self.model.tag)
+            else:
+                built = self._explainer
+                logger.info(
+                    "%s: %s explainer (%s) built in %.2f s%s",
+                    self.model.tag,
+                    built.method,
+                    built.output,
+                    built.build_seconds,
+                    f"; fell back from {built.fallback}" if built.fallback else "",
+                )
+        if self._explainer is None:
+            raise ExplainerError(
+                f"model {self.model.tag} cannot be explained: {self._failure}", "explainer_failed"
+            )
+        return self._explainer

@@ -382,14 +382,12 @@ def test_bad_requests_get_400_naming_the_problem(server: Server, path: str, body
 
 
 def test_explain_takes_json_only(server: Server) -> None:
-    response = httpx.post(
-        f"{server.url}/explain",
-        content=json.dumps(RECORDS[0]),
-        headers={"content-type": "text/plain"},
-        timeout=30,
-    )
-    assert response.status_code == 415
-    assert response.json() == {"error": "Content-Type must be application/json, got text/plain"}
+    for body in [json.dumps(RECORDS[0]), "{"]:  # the media type is refused before the body's problems
+        response = httpx.post(
+            f"{server.url}/explain", content=body, headers={"content-type": "text/plain"}, timeout=30
+        )
+        assert response.status_code == 415
+        assert response.json() == {"error": "Content-Type must be application/json, got text/plain"}
     spec = httpx.get(f"{server.url}/docs.json", timeout=30).json()["paths"]
     for path in ["/explain", "/explain_batch"]:
         assert {"200", "400", "415", "503"} <= set(spec[path]["post"]["responses"])
@@ -473,15 +471,16 @@ def test_model_shows_importance_and_evaluation(server: Server) -> None:
         "roc_auc",
         5,
     )
-    features = importance["features"]
-    assert sorted(entry["feature"] for entry in features) == sorted(RECORDS[0])
-    means = [entry["mean"] for entry in features]
+    importances = importance["importances"]
+    assert sorted(importances) == sorted(RECORDS[0])
+    means = [entry["mean"] for entry in importances.values()]
     assert means == sorted(means, reverse=True)
     assert means[0] > 0
+    assert all(entry["std"] >= 0 for entry in importances.values())
     evaluation = info["evaluation"]
     assert evaluation["kind"] == "confusion_matrix"
     assert evaluation["labels"] == ["benign", "malignant"]
-    counts = np.array(evaluation["counts"])
+    counts = np.array(evaluation["matrix"])
     assert counts.shape == (2, 2)
     assert counts.sum() == evaluation["rows"] == importance["rows"]
     assert np.trace(counts) / counts.sum() == pytest.approx(info["test_metrics"]["accuracy"])

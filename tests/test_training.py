@@ -71,10 +71,10 @@ def test_default_run_trains_registers_and_stores_the_champion(
         assert logged == stored.metadata[key]
     importance = stored.metadata["importance"]
     assert (importance["metric"], importance["rows"]) == ("roc_auc", stored.metadata["rows"]["test"])
-    assert sorted(entry["feature"] for entry in importance["features"]) == sorted(stored.schema.names)
+    assert sorted(importance["importances"]) == sorted(stored.schema.names)
     evaluation = stored.metadata["evaluation"]
     assert evaluation["labels"] == ["benign", "malignant"]
-    assert sum(map(sum, evaluation["counts"])) == stored.metadata["rows"]["test"]
+    assert sum(map(sum, evaluation["matrix"])) == stored.metadata["rows"]["test"]
     # The MLflow store lives in the configured data directory, not in the working directory.
     assert (stores.data_dir / "mlflow.db").is_file()
     assert any((stores.data_dir / "mlartifacts").iterdir())
@@ -114,8 +114,8 @@ def test_own_csv_with_text_booleans_and_missing_values(
     # Importance of the input columns: a city is shuffled whole, not its one-hot columns one by one.
     importance = stored.metadata["importance"]
     assert importance["metric"] == metric
-    assert sorted(entry["feature"] for entry in importance["features"]) == sorted(kinds)
-    assert len(stored.metadata["evaluation"]["counts"]) == classes
+    assert sorted(importance["importances"]) == sorted(kinds)
+    assert len(stored.metadata["evaluation"]["matrix"]) == classes
     # Missing values and a city never seen in training are both served.
     unseen = pd.DataFrame([{"age": None, "income": 30000.0, "city": "atlantis", "member": None}])
     prediction = stored.predict(unseen)
