@@ -17,9 +17,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import aiohttp
 import attrs
@@ -34,6 +35,7 @@ from pydantic import BaseModel, Field
 
 from drift.summary import read_latest, read_latest_performance
 from models.errors import InputError
+from models.explain import ExplainerOptions
 from models.registry import CHAMPION, registry_client, served_model
 from models.schema import RecordValues
 from models.store import StoredModel
@@ -44,7 +46,8 @@ from serving.arrowlog import ArrowLog
 from serving.auth import KeyFileError, current_caller, gate_from
 from serving.coalesce import Coalescer, WaitTimeoutError
 from serving.dataplane import DataPlane, ModelCall
-from serving.errors import ServingError, UnavailableError
+from serving.errors import ServingError, UnavailableError, UnsupportedMediaTypeError
+from serving.explaining import ExplainThread, VersionExplainer
 from serving.feedback import FeedbackDesk, feedback_route
 from serving.files import predict_file_route
 from serving.follow import Follower
@@ -54,6 +57,7 @@ from serving.oip.grpc_server import GrpcServer, check_port_free, start_grpc_serv
 from serving.pages import PagePaths, ui_route
 from serving.predlog import JsonLinesLog
 from serving.rest import (
+    JSON_REFUSALS,
     HttpAuth,
     HttpLimits,
     InvalidBody,
@@ -119,6 +123,39 @@ class Prediction(BaseModel):
     row: int = Field(description="the record's index in its request, from 0")
 
 
+ExplainRecords = Annotated[list[Record], Field(min_length=1, max_length=settings.explain_max_records)]  # type: ignore[valid-type]
+
+
+class Explanation(BaseModel):
+    """Why the model answered what it did (models/explain.py): base_value + the sum of the attributions =
+    output_value, the model's output for the row in `output` units."""
+
+    method: Literal["tree", "linear", "permutation"] = Field(
+        description="tree: shap's TreeExplainer (exact); linear: LinearExplainer, reference rows as "
+        "background (exact); permutation: model-agnostic PermutationExplainer, a sample of the reference "
+        "rows as background (additive; the attributions are estimates)"
+    )
+    output: Literal["log_odds", "probability", "value"] = Field(
+        description="units: log_odds, the explained class's margin (binary: the log-odds of the second "
+        "class; multiclass: the class's raw score, softmax over classes = probabilities); probability, "
+        "the explained class's probability; value, the predicted value (regression)"
+    )
+    explained_class: str | None = Field(
+        description="the class explained: binary, always the second class (the margin's); multiclass, "
+        "the predicted class; null for regression"
+    )
+    base_value: float = Field(description="the model's expected output over its background rows")
+    output_value: float = Field(description="the model's output for this row, in `output` units")
+    attributions: dict[str, float] = Field(
+        description="each input column's contribution (one-hot and missing-indicator columns summed into "
+        "their input column), every input column in schema order"
+    )
+
+
+class ExplainedPrediction(Prediction):
+    explanation: Explanation
+
+
 # Workaround for BentoML issue #5540: the client of a `bentoml.depends` service replaces its HTTP session
 # every 100 requests and closes it under in-flight calls; never recycling it avoids the failures.
 RUNNER_CONNECTION = {"max_requests": 2**31 - 1, "max_age": 1e9}
@@ -134,6 +171,8 @@ SWAP_GRACE_SECONDS = 60
 MODEL_SERVICE_RETRY_SECONDS = 5
 # How often the latest drift report (written by `python -m drift report`) is read into /metrics.
 DRIFT_REFRESH_SECONDS = 30
+# The explanation APIs: they take the same bodies as /predict and /predict_batch.
+EXPLAIN_ENDPOINTS = ("/explain", "/explain_batch")
 
 
 @bentoml.service(
@@ -221,6 +260,11 @@ class DescribedService(bentoml.Service[Any]):
     def openapi_spec(self) -> OpenAPISpecification:
         spec = attrs.evolve(super().openapi_spec, info=openapi_info(champion))
         document_refusals(spec)
+        for path in EXPLAIN_ENDPOINTS:  # the same bodies and refusals as the prediction APIs
+            operation = spec.paths[path].post
+            assert isinstance(operation, dict)  # as BentoML builds its APIs' operations
+            operation["responses"].update(JSON_REFUSALS)
+            operation["requestBody"]["required"] = True
         if gate is not None:
             document_authentication(spec, gate.http_access)
         return spec
@@ -279,6 +323,8 @@ class Tabserve:
                 settings.shadow_share,
                 metrics,
             )
+        # Explanations run on a thread of this worker's own, shared by the versions it serves.
+        self.explain_thread = ExplainThread(settings.explain_max_queue_rows)
         # The version served now: swapped whole by one assignment (`_swap_in`); every request takes it once.
         self.served = self._prepare(champion)
         self._show_served(champion, 1)
@@ -318,10 +364,19 @@ class Tabserve:
             predictor = RowPredictor(model, settings.compiled_scorer)
             call = InProcessModel(predictor, settings.max_batch_rows, settings.max_latency_ms / 1000)
             model_call, scorer = call, predictor.scorer
-        plane = DataPlane(model, partial(self._call_model, model_call), scorer, *self._plane_parts())
+        # Built at the version's first explanation, on the explain thread (serving/explaining.py).
+        explainer = VersionExplainer(
+            model,
+            self.explain_thread,
+            ExplainerOptions(settings.explain_background_rows, settings.explain_permutations),
+            settings.explain_max_records,
+        )
+        plane = DataPlane(
+            model, partial(self._call_model, model_call), scorer, *self._plane_parts(), explainer=explainer
+        )
         return Served(model, call, plane)
 
-    def _plane_parts(self) -> tuple[Any, ...]:
+    def _plane_parts(self) -> tuple[ArrowLog, Any, AnsweredIndex, Any]:
         on_answered = self.shadow.offer if self.shadow is not None else None
         return self.log, self.metrics, self.answered, on_answered
 
@@ -480,6 +535,7 @@ class Tabserve:
             await self._grpc_stopped
         if self.served.call is not None:
             self.served.call.close()
+        self.explain_thread.close()
         if self.shadow is not None:
             await self.shadow.close()
         self.log.close()
@@ -542,6 +598,75 @@ class Tabserve:
             orjson.dumps(answers[0] if one_record else answers),
             media_type="application/json",
             headers={"X-Request-Id": batch.request_id},
+        )
+
+    @bentoml.api(route="/explain", input_spec=json_body(Record, "Record"))
+    async def explain(self, record: Record | InvalidBody, /, ctx: bentoml.Context) -> ExplainedPrediction:  # type: ignore[valid-type]
+        """One record, as /predict takes it: its prediction, and why (`explanation`: each input column's
+        contribution to the model's output, in the units it names)."""
+        body = record if isinstance(record, InvalidBody) else [record]
+        return await self._explain(body, "/explain", ctx, one_record=True)  # type: ignore[return-value]
+
+    @bentoml.api(
+        route="/explain_batch",
+        input_spec=json_body(
+            ExplainRecords,
+            "ExplainRecords",
+            champion.schema.records_parser(settings.explain_max_records),
+        ),
+    )
+    async def explain_batch(
+        self, records: ExplainRecords | RecordValues | InvalidBody, /, ctx: bentoml.Context
+    ) -> list[ExplainedPrediction]:
+        """A JSON list of records (at most TABSERVE_EXPLAIN_MAX_RECORDS); one explained answer per record,
+        in order."""
+        return await self._explain(records, "/explain_batch", ctx, one_record=False)  # type: ignore[return-value]
+
+    async def _explain(
+        self,
+        records: list[Any] | RecordValues | InvalidBody,
+        endpoint: str,
+        ctx: bentoml.Context,
+        *,
+        one_record: bool,
+    ) -> Response:
+        """As `_answer`, the rows predicted and logged through the data plane, then explained there."""
+        started = time.perf_counter()
+        response = await self._explained(records, endpoint, ctx.request, one_record)
+        ctx.response.status_code = response.status_code
+        self.plane.observe("http", endpoint, started)
+        return response
+
+    async def _explained(
+        self, records: list[Any] | RecordValues | InvalidBody, endpoint: str, request: Any, one_record: bool
+    ) -> Response:
+        plane = self.plane  # once: the prediction and its explanation come from one version
+        try:
+            with tracing.request("http"):
+                check_json_media_type(request.headers.get("content-type"))  # before the body's problems
+                if isinstance(records, InvalidBody):
+                    return records.response()
+                rows = plane.rows_from_records(records, in_a_list=not one_record)
+                batch, explanations = await plane.explain_rows(
+                    rows, "http", endpoint, request.headers.get("x-request-id"), current_caller()
+                )
+        except ServingError as error:
+            plane.refused(error, "http")
+            return error_response(error)
+        answers = plane.explained_responses(batch, explanations)
+        return Response(
+            orjson.dumps(answers[0] if one_record else answers),
+            media_type="application/json",
+            headers={"X-Request-Id": batch.request_id},
+        )
+
+
+def check_json_media_type(content_type: str | None) -> None:
+    """415 unless the body is declared JSON, as serving/rest.py's HttpLimits refuses for /predict."""
+    media_type = (content_type or "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise UnsupportedMediaTypeError(
+            f"Content-Type must be application/json, got {media_type or 'none'}", "unsupported_media_type"
         )
 
 

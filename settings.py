@@ -149,6 +149,31 @@ class Settings(BaseSettings):
     max_batch_records: int = Field(
         default=10_000, ge=1, description="Most records in one /predict_batch call."
     )
+    # Explanations (models/explain.py, serving/explaining.py).
+    explain_max_records: int = Field(
+        default=100,
+        ge=1,
+        description="Most records in one /explain_batch call, and rows in one OIP request that asks for "
+        "explanation outputs (400 above).",
+    )
+    explain_max_queue_rows: int = Field(
+        default=1000,
+        ge=1,
+        description="Rows waiting for or being explained on an API worker's explain thread; a request that "
+        "would go over gets 503 with Retry-After, before it is predicted.",
+    )
+    explain_background_rows: int = Field(
+        default=100,
+        ge=1,
+        description="Reference rows the model-agnostic (permutation) explainer uses as background; its "
+        "cost per explained row grows in proportion. Tree and linear explainers are exact and need none.",
+    )
+    explain_permutations: int = Field(
+        default=3,
+        ge=1,
+        description="Permutations the model-agnostic explainer runs per row: attributions add up to the "
+        "model's output with any number; more give better estimates, in proportion slower.",
+    )
     max_body_bytes: int = Field(default=64 * 2**20, ge=1024, description="Largest request body (413 above).")
     # Slow clients (serving/rest.py): each is held to a deadline, and refused with 408 (never a 5xx) or
     # disconnected, so that it cannot hold a connection and a worker's memory for nothing. Settings rather

@@ -29,6 +29,7 @@ from mlflow import MlflowClient
 from mlflow.data.pandas_dataset import PandasDataset, from_pandas
 from sklearn.pipeline import Pipeline
 
+from models import card as model_card
 from models import registry, store
 from models.candidates import candidates
 from models.compiled import prove
@@ -52,6 +53,9 @@ from settings import Settings
 MODEL_NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$")
 # The run's record of the scorer proven for the model (models/compiled.py).
 SCORER_RECORD = "scorer.json"
+# The run's global importance of the input columns and its held-out evaluation's figure data (models/card.py).
+IMPORTANCE_RECORD = "importance.json"
+EVALUATION_RECORD = "evaluation.json"
 # The run's record of the ONNX export (models/onnx_export.py), and where the ONNX model goes when proven.
 ONNX_RECORD = "onnx.json"
 ONNX_ARTIFACT = "onnx"
@@ -261,6 +265,19 @@ def train(options: TrainingOptions, settings: Settings, progress: Callable[[str]
         for file_name, figure in plots(model, X_test, parts.y_test, task).items():
             mlflow.log_figure(figure, f"plots/{file_name}")
             plt.close(figure)
+        card_started = time.perf_counter()
+        importance = model_card.importance(model, X_test, parts.y_test, metric, options.seed)
+        evaluation = model_card.evaluation(model, X_test, parts.y_test, task, options.seed)
+        mlflow.log_dict(importance, IMPORTANCE_RECORD)
+        mlflow.log_dict(evaluation, EVALUATION_RECORD)
+        figure = model_card.importance_figure(importance)
+        mlflow.log_figure(figure, "plots/permutation_importance.png")
+        plt.close(figure)
+        top = ", ".join(list(importance["importances"])[:3])
+        progress(
+            f"Permutation importance ({metric.name}, {importance['repeats']} repeats): most important {top} "
+            f"({time.perf_counter() - card_started:.1f} s)"
+        )
         classes = model.classes_.tolist() if task is Task.CLASSIFICATION else None
         card = {
             "task": task.value,
@@ -321,6 +338,8 @@ def train(options: TrainingOptions, settings: Settings, progress: Callable[[str]
                         "estimator": best,
                         "scorer": scorer.as_metadata(),
                         "onnx": onnx_outcome.as_metadata(),
+                        "importance": importance,
+                        "evaluation": evaluation,
                         "dataset_digest": data_digest,
                         "dataset_source": table.source,
                         "holdout_digest": holdout_digest,

@@ -16,11 +16,11 @@ The file is read again when it changes (checked at most every TABSERVE_AUTH_RELO
 added and revoked without a restart; a file that no longer parses keeps the keys read before (and says so
 in the log), while at start-up it stops the server with the line at fault. A raw key is never logged.
 
-Rights. `predict` (/predict, /predict_batch, /predict_file, OIP infer), `feedback` (POST /feedback),
-`metrics` (/metrics, when TABSERVE_AUTH_METRICS is on). Everything else (/model, OIP metadata, gRPC
-reflection, the OpenAPI page when TABSERVE_AUTH_DOCS is on) takes any valid key. Open to all: BentoML's
-probes (/livez, /healthz, /readyz), OIP's server live and ready (REST /v2/health/*, gRPC ServerLive and
-ServerReady: KServe probes them) and the gRPC health service.
+Rights. `predict` (/predict, /predict_batch, /predict_file, /explain, /explain_batch, OIP infer),
+`feedback` (POST /feedback), `metrics` (/metrics, when TABSERVE_AUTH_METRICS is on). Everything else
+(/model, OIP metadata, gRPC reflection, the OpenAPI page when TABSERVE_AUTH_DOCS is on) takes any valid key.
+Open to all: BentoML's probes (/livez, /healthz, /readyz), OIP's server live and ready (REST /v2/health/*,
+gRPC ServerLive and ServerReady: KServe probes them) and the gRPC health service.
 
 Refusals: no key or an unknown key -> 401 / UNAUTHENTICATED; a known key without the right -> 403 /
 PERMISSION_DENIED; counted in tabserve_auth_refusals_total{transport,reason}. An address that sends
@@ -67,7 +67,7 @@ HTTP_PROBES = frozenset({"/livez", "/healthz", "/readyz", "/v2/health/live", "/v
 # (serving/pages.py), whose own calls to the API carry a key like any client's.
 HTTP_DOCS = frozenset({"/", "/docs", "/docs.json", "/ui"})
 HTTP_DOCS_PREFIXES = ("/static_content/", "/ui/")
-HTTP_PREDICT = frozenset({"/predict", "/predict_batch", "/predict_file"})
+HTTP_PREDICT = frozenset({"/predict", "/predict_batch", "/predict_file", "/explain", "/explain_batch"})
 OIP_SERVICE = "/inference.GRPCInferenceService/"
 GRPC_HEALTH = "/grpc.health.v1.Health/"
 GRPC_PROBES = frozenset({f"{OIP_SERVICE}ServerLive", f"{OIP_SERVICE}ServerReady"})

@@ -2,7 +2,8 @@
 
 HTTP (service.py), OIP REST and gRPC (serving/oip) only decode and encode. Here: value validation against
 the feature schema, the raw frame, the (adaptively batched) model call, the response shape, unknown
-categories, the prediction log and the prediction metrics.
+categories, the prediction log and the prediction metrics; and explanations (serving/explaining.py), which
+are predicted and logged as predictions are, then explained by the same version.
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel
 
+from models.explain import Explanations
 from models.schema import MAX_STORED_CATEGORIES, Feature, FeatureKind, RecordValues, field_names
 from models.store import StoredModel
 from serving import tracing
 from serving.answered import AnsweredIndex
 from serving.arrowlog import AnsweredRequest, ArrowLog, LogColumns
 from serving.errors import BadInputError, ModelNotFoundError, ServingError, UnavailableError
+from serving.explaining import VersionExplainer
 from serving.metrics import ServingMetrics, mark_refusal_counted
 from serving.model import COMPILED, SCIKIT_LEARN
 from serving.oip.codec import InferRequest, OutputTensor, columns_from_tensors
@@ -44,6 +47,8 @@ VALID_REQUEST_ID = re.compile(rf"[\x21-\x7e]{{1,{MAX_REQUEST_ID}}}")
 OIP_DATATYPES = {FeatureKind.NUMERIC: "FP64", FeatureKind.BOOLEAN: "BOOL", FeatureKind.CATEGORICAL: "BYTES"}
 # The OIP model metadata's platform, per scorer (serving/model.py).
 PLATFORMS = {SCIKIT_LEARN: "scikit-learn", COMPILED: "tabserve_compiled"}
+# OIP outputs that explain the rows (models/explain.py), returned only when requested by name.
+EXPLANATION_OUTPUTS = ("attributions", "base_value", "output_value", "explained_class")
 
 
 @dataclass(frozen=True)
@@ -83,7 +88,9 @@ class DataPlane:
         metrics: ServingMetrics,
         answered: AnsweredIndex | None = None,
         on_answered: AnsweredHook | None = None,
+        explainer: VersionExplainer | None = None,
     ) -> None:
+        """`explainer`: this version's explanations (serving/explaining.py); None: none served."""
         self.model = model
         self.name = model.name
         self.version = model.version
@@ -106,6 +113,15 @@ class DataPlane:
         self._limited = [i for i, f in enumerate(model.schema.features) if f.limit is not None]
         self._limits = np.array([model.schema.features[i].limit for i in self._limited], dtype=np.float64)
         self._output_names = ["label", "probabilities"] if self.classes else ["label"]
+        self._explainer = explainer
+        self._explanation_outputs: list[str] = []
+        if explainer is not None:
+            self._explanation_outputs = [
+                name for name in EXPLANATION_OUTPUTS if self.classes or name != "explained_class"
+            ]
+            self._output_names += self._explanation_outputs
+        # The index of each class label in the model's classes: the class an explanation is for.
+        self._class_index = {label: index for index, label in enumerate(model.classes or [])}
         self._log = log
         self._log_columns = LogColumns(model.schema.features, model.classes, self.lineage)
         self._answered = answered
@@ -156,6 +172,11 @@ class DataPlane:
             # The portable ONNX file kept with the model, or why not (models/onnx_export.py); None for a
             # version saved before ONNX files were made.
             "onnx": meta.get("onnx"),
+            # Permutation importance of each input column on the held-out rows, and the data of the
+            # evaluation's figure (confusion matrix or predicted-actual pairs), computed at training
+            # (models/card.py); None for a version saved before they were.
+            "importance": meta.get("importance"),
+            "evaluation": meta.get("evaluation"),
             "feature_schema": self.schema.model_dump(mode="json", exclude_none=True),
         }
 
@@ -165,6 +186,15 @@ class DataPlane:
         outputs = [label]
         if self.classes:
             outputs.append({"name": "probabilities", "datatype": "FP64", "shape": [-1, len(self.classes)]})
+        for name in self._explanation_outputs:
+            outputs.append(
+                {
+                    "name": name,
+                    "datatype": "BYTES" if name == "explained_class" else "FP64",
+                    "shape": [-1, len(self.feature_names)] if name == "attributions" else [-1],
+                }
+            )
+        explaining = {"explanation_outputs": self._explanation_outputs} if self._explanation_outputs else {}
         return {
             "name": self.name,
             "versions": [self.version],
@@ -179,6 +209,7 @@ class DataPlane:
                 "registered_version": self.lineage["registered_version"],
                 "classes": self.classes or [],
                 "scorer": self.scorer["scorer"],
+                **explaining,
             },
         }
 
@@ -293,8 +324,9 @@ class DataPlane:
 
     async def infer(
         self, request: InferRequest, transport: str, caller: str | None = None
-    ) -> tuple[list[OutputTensor], str]:
-        """An Open Inference Protocol request (REST or gRPC), already decoded into tensors."""
+    ) -> tuple[list[OutputTensor], str, dict[str, str]]:
+        """An Open Inference Protocol request (REST or gRPC), already decoded into tensors: its outputs, its
+        request id and the response's parameters (what the explanation outputs are, when requested)."""
         # Checked before the model call: a refused request is neither predicted, logged nor counted.
         unknown = [name for name in request.outputs or [] if name not in self._output_names]
         if unknown:
@@ -303,11 +335,17 @@ class DataPlane:
                 "unknown_output",
             )
         rows = self.rows_from_columns(columns_from_tensors(request.inputs, self.feature_names))
+        if any(name in self._explanation_outputs for name in request.outputs or []):
+            batch, explanations = await self.explain_rows(rows, transport, "infer", request.id, caller)
+            outputs = self.output_tensors(batch, request.outputs, explanations)
+            return outputs, batch.request_id, explanation_parameters(explanations)
         batch = await self.predict_rows(rows, transport, "infer", request.id, caller)
-        return self.output_tensors(batch, request.outputs), batch.request_id
+        return self.output_tensors(batch, request.outputs), batch.request_id, {}
 
-    def output_tensors(self, batch: PredictionBatch, requested: list[str] | None) -> list[OutputTensor]:
-        """The requested outputs (all by default), whose names `infer` has checked."""
+    def output_tensors(
+        self, batch: PredictionBatch, requested: list[str] | None, explanations: Explanations | None = None
+    ) -> list[OutputTensor]:
+        """The requested outputs (all but the explanations by default), whose names `infer` has checked."""
         rows = len(batch.labels)
         available = {
             "label": OutputTensor(
@@ -325,7 +363,56 @@ class DataPlane:
             )
         if not requested:
             return list(available.values())
+        if explanations is not None:
+            available |= {
+                "attributions": OutputTensor(
+                    "attributions", "FP64", [rows, len(self.feature_names)], explanations.attributions
+                ),
+                "base_value": OutputTensor("base_value", "FP64", [rows], explanations.base_values),
+                "output_value": OutputTensor("output_value", "FP64", [rows], explanations.output_values),
+            }
+            if explanations.explained_classes is not None:
+                available["explained_class"] = OutputTensor(
+                    "explained_class", "BYTES", [rows], explanations.explained_classes
+                )
         return [available[name] for name in requested]
+
+    # ---- explanations -------------------------------------------------------------------------------------
+
+    async def explain_rows(
+        self,
+        rows: np.ndarray,
+        transport: str,
+        endpoint: str,
+        request_id: str | None = None,
+        caller: str | None = None,
+    ) -> tuple[PredictionBatch, Explanations]:
+        """Predict and log the rows as `predict_rows` does, then explain them with this same version, on the
+        worker's explain thread. Refused (503) before anything is predicted when too many rows wait for
+        that thread."""
+        explainer = self._explainer
+        if explainer is None:
+            raise ServingError("explanations are not served here", "no_explainer")
+        if len(rows) > explainer.max_rows:
+            raise BadInputError(
+                f"{len(rows)} rows to explain; at most {explainer.max_rows} per request "
+                "(TABSERVE_EXPLAIN_MAX_RECORDS)",
+                "too_many_rows",
+            )
+        with explainer.thread.place(len(rows)):
+            batch = await self.predict_rows(rows, transport, endpoint, request_id, caller)
+            classes = np.array([self._class_index[label] for label in batch.labels]) if self.classes else None
+            explanations = await explainer.explain(rows, classes)
+        return batch, explanations
+
+    def explained_responses(self, batch: PredictionBatch, explanations: Explanations) -> list[dict[str, Any]]:
+        """`responses`, each with its row's `explanation`."""
+        return [
+            {**answer, "explanation": explanation}
+            for answer, explanation in zip(
+                self.responses(batch), explanations.as_dicts(self.feature_names), strict=True
+            )
+        ]
 
     def responses(self, batch: PredictionBatch) -> list[dict[str, Any]]:
         """One JSON-ready answer per row, for the HTTP APIs: with the request id and the row's index, by
@@ -383,6 +470,16 @@ class DataPlane:
         )
         if self._answered is not None:
             self._answered.add(batch.request_id, len(rows), self.version)
+
+
+def explanation_parameters(explanations: Explanations) -> dict[str, str]:
+    """What an OIP response that holds explanation outputs says of them: the method, the units and, when
+    every row explains the same class (always so for a binary model), that class."""
+    parameters = {"explanation_method": explanations.method, "explanation_output": explanations.output}
+    explained = set(explanations.explained_classes or [])
+    if len(explained) == 1:
+        parameters["explained_class"] = explained.pop()
+    return parameters
 
 
 def _validated_column(feature: Feature, values: Sequence[Any] | np.ndarray, first_row: int) -> np.ndarray:

@@ -70,11 +70,11 @@ def routes(current_plane: Callable[[], DataPlane]) -> list[Route]:
                     )
                 length = int(header_length) if header_length else None
                 decoded = decode_rest_request(await request.body(), length)
-                outputs, request_id = await plane.infer(decoded, TRANSPORT, current_caller())
+                outputs, request_id, parameters = await plane.infer(decoded, TRANSPORT, current_caller())
         except ServingError as error:
             return _error(plane, error)
         body, headers = encode_rest_response(
-            plane.name, plane.version, request_id, outputs, decoded.binary_outputs
+            plane.name, plane.version, request_id, outputs, decoded.binary_outputs, parameters
         )
         plane.observe(TRANSPORT, "infer", started)
         return Response(body, headers=headers)

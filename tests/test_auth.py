@@ -169,6 +169,8 @@ def test_what_each_path_and_method_needs(tmp_path: Path, auth_metrics: bool, aut
         "/ui": Access.ANY_KEY if auth_docs else Access.OPEN,
         "/ui/app.js": Access.ANY_KEY if auth_docs else Access.OPEN,
         "/predict_file": Access.PREDICT,
+        "/explain": Access.PREDICT,
+        "/explain_batch": Access.PREDICT,
         "/v2/models/breast_cancer/versions/1/infer": Access.PREDICT,
         "/feedback": Access.FEEDBACK,
         "/model": Access.ANY_KEY,
@@ -351,6 +353,7 @@ def http_calls(server: Server, record: dict[str, float], rows: np.ndarray) -> di
     return {
         "/predict": lambda h: httpx.post(f"{url}/predict", json=record, headers=h, timeout=60),
         "/predict_batch": lambda h: httpx.post(f"{url}/predict_batch", json=[record], headers=h, timeout=60),
+        "/explain": lambda h: httpx.post(f"{url}/explain", json=record, headers=h, timeout=60),
         "/predict_file": lambda h: httpx.post(
             f"{url}/predict_file", content=csv, headers={**h, "content-type": "text/csv"}, timeout=60
         ),
@@ -462,7 +465,13 @@ def test_a_key_without_the_right_gets_403_or_permission_denied(
     secured: Server, record: dict[str, float], rows: np.ndarray
 ) -> None:
     calls = http_calls(secured, record, rows)
-    needs_predict = ["/predict", "/predict_batch", "/predict_file", "/v2/models/breast_cancer/infer"]
+    needs_predict = [
+        "/predict",
+        "/predict_batch",
+        "/predict_file",
+        "/explain",
+        "/v2/models/breast_cancer/infer",
+    ]
     for path in needs_predict:
         response = calls[path](bearer("reader"))
         assert response.status_code == 403, path

@@ -22,6 +22,7 @@ import grpc
 import httpx
 import orjson
 import pytest
+from scipy.special import expit
 
 from models.data import load_default
 from models.store import PROBABILITY_PREFIX, REFERENCE_FILE, StoredModel, reproduction_problem
@@ -192,6 +193,25 @@ def assert_swapped_cleanly(clients: list[Client], old: str, new: str) -> None:
         assert client.versions[-1] == new
 
 
+def assert_explained_by(served: Served, record: dict[str, float], registered_version: str) -> None:
+    """/explain answers from the version served (each API worker, likely, in four calls), and its
+    explanation adds up to that version's own prediction: the explainer follows the version."""
+    for _ in range(4):
+        response = httpx.post(f"{served.url}/explain", json=record, timeout=60)
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        assert answer["registered_version"] == registered_version
+        explanation = answer["explanation"]
+        assert list(explanation["attributions"]) == list(record)
+        total = explanation["base_value"] + sum(explanation["attributions"].values())
+        assert abs(total - explanation["output_value"]) <= 1e-6
+        probability = answer["probabilities"][explanation["explained_class"]]
+        if explanation["output"] == "log_odds":
+            assert abs(expit(explanation["output_value"]) - probability) <= 1e-9
+        else:
+            assert abs(explanation["output_value"] - probability) <= 1e-9
+
+
 def logged_versions(log_dir: Path) -> set[str]:
     return {row["registered_version"] for row in logged_rows(log_dir)}
 
@@ -205,6 +225,7 @@ def test_starts_on_the_champion_and_follows_it(server: Served) -> None:
     assert info["following"]["restart_needed"] is False
     served = server.metric_lines("tabserve_served_version")
     assert any('registered_version="1"' in line and line.endswith(" 1.0") for line in served), served
+    assert_explained_by(server, RECORD, "1")
 
 
 def test_swap_under_load_on_every_transport(server: Served, own_stores: Stores) -> None:
@@ -216,6 +237,7 @@ def test_swap_under_load_on_every_transport(server: Served, own_stores: Stores) 
     info = server.info()
     assert (info["version"], info["registered_version"], info["alias"]) == (v2, "2", "champion")
     assert sum(len(c.versions) for c in clients) > 200  # a real load, not a handful of requests
+    assert_explained_by(server, RECORD, "2")
     time.sleep(1.5)  # the log is written on a thread
     assert logged_versions(server.log_dir) == {"1", "2"}
     swaps = server.metric_lines("tabserve_model_swaps_total")
@@ -283,6 +305,8 @@ def test_model_service_layout_swaps(
         assert model_service.info()["registered_version"] == "3"
         assert model_service.info()["scorer"]["scorer"] == "compiled"  # as the model service chooses
         without_radius = {key: value for key, value in RECORD.items() if key != "mean radius"}
+        # The API workers load the pipeline to explain with: the model service holds it for predictions.
+        assert_explained_by(model_service, without_radius, "3")
         clients = [Client("http", without_radius) for _ in range(8)]
         clients, v4 = asyncio.run(
             load_across_swap(
@@ -294,6 +318,7 @@ def test_model_service_layout_swaps(
         )
         assert_swapped_cleanly(clients, v3, v4)
         assert model_service.info()["registered_version"] == "4"
+        assert_explained_by(model_service, without_radius, "4")
     finally:
         next(served_iter, None)
 

@@ -49,7 +49,11 @@ def test_default_run_trains_registers_and_stores_the_champion(
         "hist_gradient_boosting",
     }
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
-    assert artifacts == {"plots/confusion_matrix.png", "plots/roc_curve.png"}
+    assert artifacts == {
+        "plots/confusion_matrix.png",
+        "plots/roc_curve.png",
+        "plots/permutation_importance.png",
+    }
     inputs = {item.tags[0].value: item.dataset for item in run.inputs.dataset_inputs}
     assert set(inputs) == {"training", "testing"}  # the table, and its held-out rows (tests/test_store.py)
     assert "load_breast_cancer" in str(inputs["training"].source)
@@ -61,6 +65,16 @@ def test_default_run_trains_registers_and_stores_the_champion(
     assert scorer["rows_checked"] == stored.metadata["rows"]["test"] + 4
     assert 0 <= scorer["max_difference"] <= 1e-6
     assert json.loads(Path(client.download_artifacts(run.info.run_id, "scorer.json")).read_text()) == scorer
+    # The model card's data (models/card.py): logged with the run, stored with the model.
+    for record, key in [("importance.json", "importance"), ("evaluation.json", "evaluation")]:
+        logged = json.loads(Path(client.download_artifacts(run.info.run_id, record)).read_text())
+        assert logged == stored.metadata[key]
+    importance = stored.metadata["importance"]
+    assert (importance["metric"], importance["rows"]) == ("roc_auc", stored.metadata["rows"]["test"])
+    assert sorted(importance["importances"]) == sorted(stored.schema.names)
+    evaluation = stored.metadata["evaluation"]
+    assert evaluation["labels"] == ["benign", "malignant"]
+    assert sum(map(sum, evaluation["matrix"])) == stored.metadata["rows"]["test"]
     # The MLflow store lives in the configured data directory, not in the working directory.
     assert (stores.data_dir / "mlflow.db").is_file()
     assert any((stores.data_dir / "mlartifacts").iterdir())
@@ -97,6 +111,11 @@ def test_own_csv_with_text_booleans_and_missing_values(
     }
     assert len(stored.classes or []) == classes
     assert stored.metadata["metric"] == metric
+    # Importance of the input columns: a city is shuffled whole, not its one-hot columns one by one.
+    importance = stored.metadata["importance"]
+    assert importance["metric"] == metric
+    assert sorted(importance["importances"]) == sorted(kinds)
+    assert len(stored.metadata["evaluation"]["matrix"]) == classes
     # Missing values and a city never seen in training are both served.
     unseen = pd.DataFrame([{"age": None, "income": 30000.0, "city": "atlantis", "member": None}])
     prediction = stored.predict(unseen)
@@ -127,7 +146,15 @@ def test_continuous_target_trains_a_regression(stores: Stores, tmp_path: Path) -
     assert stored.metadata["test_metrics"]["r2"] > 0.5
     run = stores.client().get_run(stored.labels["mlflow_run_id"])
     artifacts = {a.path for a in stores.client().list_artifacts(run.info.run_id, "plots")}
-    assert artifacts == {"plots/actual_vs_predicted.png", "plots/residuals.png"}
+    assert artifacts == {
+        "plots/actual_vs_predicted.png",
+        "plots/residuals.png",
+        "plots/permutation_importance.png",
+    }
+    evaluation = stored.metadata["evaluation"]
+    assert (evaluation["kind"], evaluation["rows"]) == ("residuals", stored.metadata["rows"]["test"])
+    assert len(evaluation["predicted"]) == len(evaluation["actual"]) == min(200, evaluation["rows"])
+    assert stored.metadata["importance"]["metric"] == "rmse"
 
 
 def test_promotion_gate_lifecycle(stores: Stores, tmp_path: Path) -> None:

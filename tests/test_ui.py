@@ -269,10 +269,6 @@ def _probabilities_said(answer: dict[str, Any]) -> str:
     return "Probability of each class: " + ", ".join(f"{c} {100 * p:.1f}%" for c, p in ordered)
 
 
-@pytest.mark.xfail(
-    reason="needs POST /explain (issue 16, part 1, built on another branch): remove this mark once merged",
-    strict=True,
-)
 def test_the_answer_shows_why(server: Server, visit: Any) -> None:
     page = visit(server.url)
     page.get_by_role("button", name="Predict").click()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -182,8 +182,10 @@ def encode_rest_response(
     request_id: str | None,
     outputs: list[OutputTensor],
     binary_outputs: set[str],
+    parameters: Mapping[str, str | int | float | bool] | None = None,
 ) -> tuple[bytes, dict[str, str]]:
-    """The response body and its headers; outputs in `binary_outputs` follow the JSON header as raw bytes."""
+    """The response body and its headers; outputs in `binary_outputs` follow the JSON header as raw bytes.
+    `parameters`: the response's own (none when empty)."""
     described: list[dict[str, Any]] = []
     blobs: list[bytes] = []
     for output in outputs:
@@ -202,6 +204,8 @@ def encode_rest_response(
     }
     if request_id:
         response["id"] = request_id
+    if parameters:
+        response["parameters"] = parameters
     header = orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)
     if not blobs:
         return header, {"Content-Type": "application/json"}
@@ -209,6 +213,16 @@ def encode_rest_response(
         "Content-Type": "application/octet-stream",
         "Inference-Header-Content-Length": str(len(header)),
     }
+
+
+def _parameter(value: str | int | float | bool) -> pb.InferParameter:
+    if isinstance(value, bool):
+        return pb.InferParameter(bool_param=value)
+    if isinstance(value, int):
+        return pb.InferParameter(int64_param=value)
+    if isinstance(value, float):
+        return pb.InferParameter(double_param=value)
+    return pb.InferParameter(string_param=str(value))
 
 
 def error_body(message: str) -> bytes:
@@ -253,12 +267,20 @@ def decode_grpc_request(request: pb.ModelInferRequest) -> InferRequest:
 
 
 def encode_grpc_response(
-    model_name: str, model_version: str, request_id: str | None, outputs: list[OutputTensor], raw: bool
+    model_name: str,
+    model_version: str,
+    request_id: str | None,
+    outputs: list[OutputTensor],
+    raw: bool,
+    parameters: Mapping[str, str | int | float | bool] | None = None,
 ) -> pb.ModelInferResponse:
-    """Raw contents when `raw` (what tritonclient, which sends raw, reads back), else typed contents."""
+    """Raw contents when `raw` (what tritonclient, which sends raw, reads back), else typed contents.
+    `parameters`: the response's own."""
     # FP16 has no typed field, and the protocol allows no mix of raw and typed contents.
     raw = raw or any(output.datatype not in CONTENTS_FIELDS for output in outputs)
     response = pb.ModelInferResponse(model_name=model_name, model_version=model_version, id=request_id or "")
+    for key, value in (parameters or {}).items():
+        response.parameters[key].CopyFrom(_parameter(value))
     for output in outputs:
         tensor = response.outputs.add(name=output.name, datatype=output.datatype, shape=output.shape)
         if raw:

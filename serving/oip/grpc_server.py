@@ -63,7 +63,7 @@ class DataPlane(Protocol):
 
     async def infer(
         self, request: InferRequest, transport: str, caller: str | None = None
-    ) -> tuple[list[OutputTensor], str]: ...
+    ) -> tuple[list[OutputTensor], str, dict[str, str]]: ...
 
     def refused(self, error: ServingError, transport: str) -> None: ...
 
@@ -337,9 +337,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         # the tensors' decoding and the values' validation.
         with tracing.grpc_request(TRANSPORT, INFER_METHOD, context.invocation_metadata()):
             plane.check_model(request.model_name, request.model_version or None)
-            outputs, request_id = await plane.infer(decode_grpc_request(request), TRANSPORT, current_caller())
+            outputs, request_id, parameters = await plane.infer(
+                decode_grpc_request(request), TRANSPORT, current_caller()
+            )
             response = encode_grpc_response(
-                plane.name, plane.version, request_id, outputs, raw=bool(request.raw_input_contents)
+                plane.name,
+                plane.version,
+                request_id,
+                outputs,
+                raw=bool(request.raw_input_contents),
+                parameters=parameters,
             )
         plane.observe(TRANSPORT, "infer", started)
         return response
