@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
-import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Annotated, Any, Literal
@@ -46,7 +45,7 @@ from serving.arrowlog import ArrowLog
 from serving.auth import KeyFileError, current_caller, gate_from
 from serving.coalesce import Coalescer, WaitTimeoutError
 from serving.dataplane import DataPlane, ModelCall
-from serving.errors import ServingError, UnavailableError, UnsupportedMediaTypeError
+from serving.errors import ServingError, UnavailableError
 from serving.explaining import ExplainThread, VersionExplainer
 from serving.feedback import FeedbackDesk, feedback_route
 from serving.files import predict_file_route
@@ -57,7 +56,6 @@ from serving.oip.grpc_server import GrpcServer, check_port_free, start_grpc_serv
 from serving.pages import PagePaths, ui_route
 from serving.predlog import JsonLinesLog
 from serving.rest import (
-    JSON_REFUSALS,
     HttpAuth,
     HttpLimits,
     InvalidBody,
@@ -171,8 +169,6 @@ SWAP_GRACE_SECONDS = 60
 MODEL_SERVICE_RETRY_SECONDS = 5
 # How often the latest drift report (written by `python -m drift report`) is read into /metrics.
 DRIFT_REFRESH_SECONDS = 30
-# The explanation APIs: they take the same bodies as /predict and /predict_batch.
-EXPLAIN_ENDPOINTS = ("/explain", "/explain_batch")
 
 
 @bentoml.service(
@@ -260,11 +256,6 @@ class DescribedService(bentoml.Service[Any]):
     def openapi_spec(self) -> OpenAPISpecification:
         spec = attrs.evolve(super().openapi_spec, info=openapi_info(champion))
         document_refusals(spec)
-        for path in EXPLAIN_ENDPOINTS:  # the same bodies and refusals as the prediction APIs
-            operation = spec.paths[path].post
-            assert isinstance(operation, dict)  # as BentoML builds its APIs' operations
-            operation["responses"].update(JSON_REFUSALS)
-            operation["requestBody"]["required"] = True
         if gate is not None:
             document_authentication(spec, gate.http_access)
         return spec
@@ -631,10 +622,8 @@ class Tabserve:
         one_record: bool,
     ) -> Response:
         """As `_answer`, the rows predicted and logged through the data plane, then explained there."""
-        started = time.perf_counter()
         response = await self._explained(records, endpoint, ctx.request, one_record)
         ctx.response.status_code = response.status_code
-        self.plane.observe("http", endpoint, started)
         return response
 
     async def _explained(
@@ -643,7 +632,6 @@ class Tabserve:
         plane = self.plane  # once: the prediction and its explanation come from one version
         try:
             with tracing.request("http"):
-                check_json_media_type(request.headers.get("content-type"))  # before the body's problems
                 if isinstance(records, InvalidBody):
                     return records.response()
                 rows = plane.rows_from_records(records, in_a_list=not one_record)
@@ -658,15 +646,6 @@ class Tabserve:
             orjson.dumps(answers[0] if one_record else answers),
             media_type="application/json",
             headers={"X-Request-Id": batch.request_id},
-        )
-
-
-def check_json_media_type(content_type: str | None) -> None:
-    """415 unless the body is declared JSON, as serving/rest.py's HttpLimits refuses for /predict."""
-    media_type = (content_type or "").split(";")[0].strip().lower()
-    if media_type != "application/json":
-        raise UnsupportedMediaTypeError(
-            f"Content-Type must be application/json, got {media_type or 'none'}", "unsupported_media_type"
         )
 
 

@@ -139,7 +139,7 @@ class Explainer:
         self.names = schema.names
         self.classes = [str(label) for label in classes] if classes is not None else None
         self.options = options or ExplainerOptions()
-        reference = prepared_again(schema, reference)
+        reference = schema.prepare(reference).reset_index(drop=True)
         self.fallback: str | None = None  # why the estimator's own method was not used
         chosen = method or estimator_method(pipeline)
         if chosen not in METHODS:
@@ -302,20 +302,6 @@ class Explainer:
         if self.classes is None:
             return np.asarray(self.pipeline.predict(prepared), dtype=np.float64)
         return np.asarray(self.pipeline.predict_proba(prepared), dtype=np.float64)
-
-
-def prepared_again(schema: FeatureSchema, frame: pd.DataFrame) -> pd.DataFrame:
-    """Rows already prepared (a stored reference set, read back from Parquet) in the types `prepare` gives:
-    `prepare` itself reads booleans as True/False and would make prepared 0/1 ones missing."""
-    columns: dict[str, Any] = {}
-    for feature in schema.features:
-        column = frame[feature.name]
-        if feature.kind is FeatureKind.CATEGORICAL:
-            values = column.astype(object)
-            columns[feature.name] = values.where(values.notna(), np.nan)
-        else:
-            columns[feature.name] = column.astype(np.float64)
-    return pd.DataFrame(columns).reset_index(drop=True)
 
 
 @dataclass

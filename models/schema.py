@@ -284,6 +284,10 @@ def _prepare_column(feature: Feature, column: pd.Series) -> pd.Series:
     if feature.kind is FeatureKind.NUMERIC:
         return column.astype("float64")
     if feature.kind is FeatureKind.BOOLEAN:
+        if pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column):
+            # Prepared already (0.0 / 1.0 / NaN: the stored reference set read back). Mapped as booleans,
+            # every value would become missing: a float 1.0 is not the key True of a Series' map.
+            return column.astype("float64")
         return column.map({True: 1.0, False: 0.0}).astype("float64")
     return _prepare_column_categorical(column)
 

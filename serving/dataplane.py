@@ -505,6 +505,15 @@ def _validated_column(feature: Feature, values: Sequence[Any] | np.ndarray, firs
             return array.astype(object)
         if array.dtype.kind in "iu" and np.isin(array, [0, 1]).all():
             return array.astype(bool).astype(object)
+        if array.dtype.kind == "O":  # a file's boolean column with missing values: True / False / None
+            cells = array.reshape(-1)
+            present = [cell for cell in cells.tolist() if cell is not None]
+            if all(isinstance(cell, bool) for cell in present):
+                if len(present) < len(cells) and not feature.nullable:
+                    row = first_row + next(i for i, cell in enumerate(cells) if cell is None) + 1
+                    problem = f"'{name}': missing value is not allowed for this feature (row {row})"
+                    raise BadInputError(problem, "missing_value")
+                return cells
         raise BadInputError(f"'{name}': expected booleans, got {_describe(array)}", "wrong_type")
     cells = array.astype(object).reshape(-1)
     for cell in cells:

@@ -31,7 +31,8 @@ from serving.errors import ServingError
 from serving.metrics import refusals_of_this_request, serving_metrics
 
 Scope = dict[str, Any]
-JSON_ENDPOINTS = frozenset({"/predict", "/predict_batch"})
+# The APIs that take a JSON body of records: the predictions, and their explanations (the same bodies).
+JSON_ENDPOINTS = frozenset({"/predict", "/predict_batch", "/explain", "/explain_batch"})
 UPLOAD_ENDPOINT = "/predict_file"
 TIMED_ENDPOINTS = JSON_ENDPOINTS | {UPLOAD_ENDPOINT}
 # The request line and headers together; browsers and proxies send a few KiB (nginx allows 32 KiB).

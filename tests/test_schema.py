@@ -44,6 +44,9 @@ def test_prepare_gives_floats_and_strings_with_nan_for_missing(schema: FeatureSc
     assert prepared["city"].tolist()[0] == "paris"
     assert prepared["city"].isna().tolist() == [False, True]
     assert prepared["age"].dtype == np.float64
+    # Rows prepared already (the stored reference set read back) come out the same: booleans stayed 0/1,
+    # where they once all became missing.
+    pd.testing.assert_frame_equal(schema.prepare(prepared), prepared)
 
 
 def test_request_model_validates_by_column_name() -> None:
