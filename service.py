@@ -561,8 +561,10 @@ class Tabserve:
         ctx: bentoml.Context,
         *,
         one_record: bool,
+        explain: bool = False,
     ) -> Response:
-        response = await self._answer(records, endpoint, ctx.request.headers.get("x-request-id"), one_record)
+        request_id = ctx.request.headers.get("x-request-id")
+        response = await self._answer(records, endpoint, request_id, one_record, explain)
         # BentoML gives a method that takes the context the context's status, not its response's.
         ctx.response.status_code = response.status_code
         return response
@@ -573,18 +575,27 @@ class Tabserve:
         endpoint: str,
         request_id: str | None,
         one_record: bool,
+        explain: bool,
     ) -> Response:
+        """The answers, each with its row's explanation when `explain` (/explain, /explain_batch: predicted
+        and logged as predictions are, then explained by the same version)."""
         if isinstance(records, InvalidBody):
             return records.response()
         plane = self.plane  # once: a swap during the call must not mix two versions in one answer
         try:
             with tracing.request("http"):
                 rows = plane.rows_from_records(records, in_a_list=not one_record)
-                batch = await plane.predict_rows(rows, "http", endpoint, request_id, current_caller())
+                if explain:
+                    batch, explanations = await plane.explain_rows(
+                        rows, "http", endpoint, request_id, current_caller()
+                    )
+                    answers = plane.explained_responses(batch, explanations)
+                else:
+                    batch = await plane.predict_rows(rows, "http", endpoint, request_id, current_caller())
+                    answers = plane.responses(batch)
         except ServingError as error:
             plane.refused(error, "http")
             return error_response(error)
-        answers = plane.responses(batch)
         return Response(
             orjson.dumps(answers[0] if one_record else answers),
             media_type="application/json",
@@ -596,7 +607,7 @@ class Tabserve:
         """One record, as /predict takes it: its prediction, and why (`explanation`: each input column's
         contribution to the model's output, in the units it names)."""
         body = record if isinstance(record, InvalidBody) else [record]
-        return await self._explain(body, "/explain", ctx, one_record=True)  # type: ignore[return-value]
+        return await self._predict(body, "/explain", ctx, one_record=True, explain=True)  # type: ignore[return-value]
 
     @bentoml.api(
         route="/explain_batch",
@@ -611,42 +622,7 @@ class Tabserve:
     ) -> list[ExplainedPrediction]:
         """A JSON list of records (at most TABSERVE_EXPLAIN_MAX_RECORDS); one explained answer per record,
         in order."""
-        return await self._explain(records, "/explain_batch", ctx, one_record=False)  # type: ignore[return-value]
-
-    async def _explain(
-        self,
-        records: list[Any] | RecordValues | InvalidBody,
-        endpoint: str,
-        ctx: bentoml.Context,
-        *,
-        one_record: bool,
-    ) -> Response:
-        """As `_answer`, the rows predicted and logged through the data plane, then explained there."""
-        response = await self._explained(records, endpoint, ctx.request, one_record)
-        ctx.response.status_code = response.status_code
-        return response
-
-    async def _explained(
-        self, records: list[Any] | RecordValues | InvalidBody, endpoint: str, request: Any, one_record: bool
-    ) -> Response:
-        plane = self.plane  # once: the prediction and its explanation come from one version
-        try:
-            with tracing.request("http"):
-                if isinstance(records, InvalidBody):
-                    return records.response()
-                rows = plane.rows_from_records(records, in_a_list=not one_record)
-                batch, explanations = await plane.explain_rows(
-                    rows, "http", endpoint, request.headers.get("x-request-id"), current_caller()
-                )
-        except ServingError as error:
-            plane.refused(error, "http")
-            return error_response(error)
-        answers = plane.explained_responses(batch, explanations)
-        return Response(
-            orjson.dumps(answers[0] if one_record else answers),
-            media_type="application/json",
-            headers={"X-Request-Id": batch.request_id},
-        )
+        return await self._predict(records, "/explain_batch", ctx, one_record=False, explain=True)  # type: ignore[return-value]
 
 
 if gate is not None:  # first: the outermost of ours, so a refused request's body is never read
