@@ -31,8 +31,13 @@ from serving.errors import ServingError
 from serving.metrics import refusals_of_this_request, serving_metrics
 
 Scope = dict[str, Any]
+# The prediction APIs: admitted by the worker's admission control (serving/admission.py). Not the
+# explanations: they cost 5x a prediction, seconds at a version's first (its explainer is built then), and
+# would make the worker measure itself slow and refuse predictions (they have their own bound instead, the
+# rows waiting for the explain thread: serving/explaining.py).
+PREDICTION_ENDPOINTS = frozenset({"/predict", "/predict_batch"})
 # The APIs that take a JSON body of records: the predictions, and their explanations (the same bodies).
-JSON_ENDPOINTS = frozenset({"/predict", "/predict_batch", "/explain", "/explain_batch"})
+JSON_ENDPOINTS = PREDICTION_ENDPOINTS | {"/explain", "/explain_batch"}
 UPLOAD_ENDPOINT = "/predict_file"
 TIMED_ENDPOINTS = JSON_ENDPOINTS | {UPLOAD_ENDPOINT}
 # The request line and headers together; browsers and proxies send a few KiB (nginx allows 32 KiB).
@@ -215,7 +220,7 @@ def _starting_when_whole(receive: Any, place: Place) -> Any:
 
 
 def _predicting_transport(path: str) -> str | None:
-    if path in JSON_ENDPOINTS:
+    if path in PREDICTION_ENDPOINTS:
         return "http"
     if path.startswith("/v2/models/") and path.endswith("/infer"):
         return "oip_rest"
