@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Self
 
@@ -86,7 +87,7 @@ def runqueue_wait_seconds(root: int) -> float:
     return waited / 1e9
 
 
-class Sampler:
+class Sampler(ABC):
     """Calls `sample()` every `interval` seconds in a background thread while the `with` block runs."""
 
     def __init__(self, root: int, interval: float) -> None:
@@ -103,8 +104,9 @@ class Sampler:
         self._stop.set()
         self._thread.join()
 
+    @abstractmethod
     def sample(self) -> None:
-        raise NotImplementedError
+        """Take one sample (on the background thread)."""
 
     def _run(self) -> None:
         while not self._stop.is_set():
