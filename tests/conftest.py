@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -211,6 +212,18 @@ def start_server(env: dict[str, str], port: int, output: Path) -> subprocess.Pop
         )
 
 
+@contextmanager
+def running_server(env: dict[str, str], port: int, output: Path) -> Iterator[subprocess.Popen[str]]:
+    """`bentoml serve` on `port`, ready (its /readyz answered) inside the block, stopped after it."""
+    process = start_server(env, port, output)
+    try:
+        wait_ready(process, f"http://127.0.0.1:{port}", output)
+        yield process
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
 def wait_ready(process: subprocess.Popen[str], url: str, output: Path, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -257,14 +270,9 @@ def server(
         TABSERVE_REPORTS_DIR=str(reports_dir),
     )
     output = log_dir.parent / "server-output.txt"
-    process = start_server(env, port, output)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(process, url, output)
+    with running_server(env, port, output) as process:
+        url = f"http://127.0.0.1:{port}"
         yield Server(url, f"127.0.0.1:{grpc_port}", log_dir, feedback_dir, process, output)
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
 
 
 # Where the system tools of the deploy tests come from (.ci/run installs what is missing).

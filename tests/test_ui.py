@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pandas as pd
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
@@ -30,8 +31,7 @@ from tests.conftest import (
     free_port,
     require_tool,
     run_train,
-    start_server,
-    wait_ready,
+    running_server,
 )
 from tests.tables import breast_cancer_table, mixed_table
 
@@ -111,26 +111,17 @@ def visit(browser: Any) -> Iterator[Any]:
         made.check_and_close()
 
 
-def train_mixed(stores: Stores, *extra: str) -> None:
-    table = stores.data_dir / "ui-mixed.csv"
+def train_table(stores: Stores, frame: pd.DataFrame, target: str, name: str, *extra: str) -> None:
+    """`python train.py` on `frame` (3 folds: quicker) as model `name`."""
+    table = stores.data_dir / f"ui-{name}.csv"
     table.parent.mkdir(parents=True, exist_ok=True)
-    mixed_table(300).to_csv(table, index=False)
-    assert_ok(
-        run_train(
-            stores,
-            "--data",
-            str(table),
-            "--target",
-            "segment",
-            "--name",
-            MIXED,
-            "--drop",
-            "customer_id",
-            "--cv-folds",
-            "3",
-            *extra,
-        )
-    )
+    frame.to_csv(table, index=False)
+    options = ["--data", str(table), "--target", target, "--name", name, "--cv-folds", "3", *extra]
+    assert_ok(run_train(stores, *options))
+
+
+def train_mixed(stores: Stores) -> None:
+    train_table(stores, mixed_table(300), "segment", MIXED, "--drop", "customer_id")
 
 
 def serve(stores: Stores, folder: Path, model: str, **settings: str) -> Iterator[Server]:
@@ -147,14 +138,9 @@ def serve(stores: Stores, folder: Path, model: str, **settings: str) -> Iterator
         **settings,
     )
     output = folder / "server-output.txt"
-    process = start_server(env, port, output)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(process, url, output)
+    with running_server(env, port, output) as process:
+        url = f"http://127.0.0.1:{port}"
         yield Server(url, "", folder / "predictions", folder / "feedback", process, output)
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -165,23 +151,7 @@ def mixed(stores: Stores, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 
 def train_following(stores: Stores, *extra: str) -> None:
-    table = stores.data_dir / "ui-follow.csv"
-    table.parent.mkdir(parents=True, exist_ok=True)
-    breast_cancer_table().to_csv(table, index=False)
-    assert_ok(
-        run_train(
-            stores,
-            "--data",
-            str(table),
-            "--target",
-            "diagnosis",
-            "--name",
-            FOLLOWED,
-            "--cv-folds",
-            "3",
-            *extra,
-        )
-    )
+    train_table(stores, breast_cancer_table(), "diagnosis", FOLLOWED, *extra)
 
 
 @pytest.fixture(scope="module")
