@@ -9,7 +9,7 @@ export OMP_NUM_THREADS ?= 1
 # Use the system's CA store, so that PyPI works behind a TLS-intercepting proxy too.
 export UV_NATIVE_TLS ?= 1
 
-.PHONY: setup train serve build test lint format clean docs docs-build drift-report simulate drift-bench containerize smoke dashboard loadtest bench bench-quick bench-swap bench-scorers profile fuzz soak
+.PHONY: setup train serve build test lint format clean docs docs-build drift-report simulate drift-bench containerize smoke dashboard loadtest bench bench-quick bench-image bench-swap bench-scorers profile fuzz soak
 
 setup: .venv/.synced
 
@@ -48,22 +48,32 @@ MODEL ?= breast_cancer
 retrain: setup
 	$(PY) -m lifecycle retrain $(MODEL) $(RETRAIN_OPTS)
 
-# The bento's Python requirements (bentofile.yaml): the lock file's exact versions without the dev tools.
-# Committed, so that a plain `bentoml build` works in a fresh clone; remade here whenever uv.lock changes,
-# and tests/test_deploy_bento.py fails while it differs from the lock.
+# The images' Python requirements, the lock file's exact versions: requirements.txt for the bento (the service
+# image: pyproject.toml's dependencies alone), deploy/jobs/requirements.txt for the jobs image (those plus the
+# `jobs` group). Committed, so that a plain `bentoml build` works in a fresh clone; remade here whenever
+# uv.lock changes, and tests/test_deploy_bento.py fails while either differs from the lock.
 requirements.txt: uv.lock | setup
-	$(UV) export --frozen --no-dev --no-hashes --no-emit-project -o $@ >/dev/null
+	$(UV) export --frozen --no-default-groups --no-hashes --no-emit-project -o $@ >/dev/null
+
+deploy/jobs/requirements.txt: uv.lock | setup
+	$(UV) export --frozen --no-default-groups --group jobs --no-hashes --no-emit-project -o $@ >/dev/null
 
 build: setup requirements.txt
 	$(PY) train.py --if-missing
 	.venv/bin/bentoml build
 
-# The image of the bento: tabserve:<bento version> and tabserve:latest (docs/deployment.md).
-# ENGINE=docker|podman; CONTAINERIZE_OPTS, e.g. --opt volume=/etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro
+# The two images (docs/deployment.md), each tagged with the bento version and `latest`: tabserve, the service
+# (the bento), and tabserve-jobs, the same plus the jobs' packages (training, drift reports, retraining,
+# MLflow's server, the Evidently UI), built on top of it so that a node pulls only the difference.
+# ENGINE=docker|podman; CONTAINERIZE_OPTS for bentoml containerize and JOBS_BUILD_OPTS for the jobs image, e.g.
+# behind a TLS-intercepting proxy on podman:
+#   CONTAINERIZE_OPTS="--opt volume=/etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro"
+#   JOBS_BUILD_OPTS="--volume /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro"
 ENGINE ?= $(if $(shell command -v podman 2>/dev/null),podman,docker)
-containerize: build
+containerize: build deploy/jobs/requirements.txt
 	version=$$(.venv/bin/bentoml get tabserve:latest -o json | $(PY) -c 'import json, sys; print(json.load(sys.stdin)["version"])') && \
-	.venv/bin/bentoml containerize tabserve:$$version --backend $(ENGINE) -t tabserve:$$version -t tabserve:latest $(CONTAINERIZE_OPTS)
+	.venv/bin/bentoml containerize tabserve:$$version --backend $(ENGINE) -t tabserve:$$version -t tabserve:latest $(CONTAINERIZE_OPTS) && \
+	$(ENGINE) build --build-arg SERVICE_IMAGE=tabserve:$$version -t tabserve-jobs:$$version -t tabserve-jobs:latest $(JOBS_BUILD_OPTS) deploy/jobs
 
 # Builds the image, runs it as compose and Kubernetes do, calls it, removes what it built (~10 min).
 smoke: setup
@@ -96,6 +106,12 @@ bench-quick: setup
 # BENCHMARKS.md.
 bench-scorers: setup
 	$(PY) -m loadtests.scorers --update
+
+# The images' sizes and the service image's cold start beside a bare `bentoml serve` of the same bento (builds
+# both images into throwaway stores, as `make smoke`; ~4 min; ENGINE as for containerize); rewrites the image
+# section of BENCHMARKS.md.
+bench-image: setup
+	$(PY) -m loadtests.image --engine $(ENGINE) --update
 
 # 32 connections while `promote` moves the champion, and with the shadow challenger on, each beside steady
 # state (own stores in loadtests/results; ~3 min); rewrites the swap section of BENCHMARKS.md.

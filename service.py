@@ -261,8 +261,19 @@ class DescribedService(bentoml.Service[Any]):
         return spec
 
 
+# The service image `bentoml containerize` builds, with bentofile.yaml's python and docker options:
+# python:3.11-slim as it is. BentoML's Image puts its distro's first step before everything (on Debian:
+# apt-get install build-essential git) unless the distro is one it does not know; the requirements are wheels
+# only, so no distro is named, and the image has no compilers or git. `--only-binary :all:` goes into the
+# bento's requirements, so uv never builds a package in the image.
+SERVICE_IMAGE = bentoml.images.Image(base_image="python:3.11-slim", distro="").python_packages(
+    "--only-binary :all:"
+)
+
+
 @bentoml.service(
     name="tabserve",
+    image=SERVICE_IMAGE,
     service_class=DescribedService,
     workers=settings.api_workers,
     traffic={"timeout": 60},

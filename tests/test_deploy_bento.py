@@ -30,9 +30,17 @@ IMAGE_ENV = {
     "TABSERVE_REPORTS_DIR": "/var/lib/tabserve/reports",
     "TABSERVE_WORKSPACE_DIR": "/var/lib/tabserve/workspace",
     "BENTOML_DO_NOT_TRACK": "true",
+    "UV_NO_CACHE": "1",
 }
-SOURCE_PACKAGES = ("models", "serving", "drift")
+SOURCE_PACKAGES = ("models", "serving", "drift", "lifecycle")
 DEV_ONLY = ("pytest", "ruff", "mypy", "locust", "tritonclient", "podman-compose", "kubernetes-validate", "uv")
+# What only the jobs image installs (pyproject.toml's `jobs` group and what it alone pulls in).
+JOBS_ONLY = ("mlflow", "evidently", "matplotlib", "apscheduler", "skl2onnx", "onnx", "onnxruntime", "plotly")
+# The image's requirements: (file, its `uv export` options), as the Makefile writes them.
+REQUIREMENTS = {
+    "requirements.txt": ["--no-default-groups"],
+    "deploy/jobs/requirements.txt": ["--no-default-groups", "--group", "jobs"],
+}
 
 
 def path_without_uv() -> str:
@@ -114,51 +122,80 @@ def without_header(requirements: str) -> list[str]:
     return lines[2:]
 
 
-def test_the_committed_requirements_are_the_export_of_uv_lock() -> None:
-    """bentofile.yaml installs requirements.txt: the command in its header, run now, gives the same file."""
-    committed = (PROJECT_ROOT / "requirements.txt").read_text()
+@pytest.mark.parametrize("name", REQUIREMENTS)
+def test_the_committed_requirements_are_the_export_of_uv_lock(name: str) -> None:
+    """bentofile.yaml installs requirements.txt, the jobs image deploy/jobs/requirements.txt: the command in
+    each one's header, run now, gives the same file."""
+    committed = (PROJECT_ROOT / name).read_text()
     command = shlex.split(committed.splitlines()[1].removeprefix("#"))
     assert command[:2] == ["uv", "export"], command
-    assert command[-2:] == ["-o", "requirements.txt"], command
+    assert command[-2:] == ["-o", name], command
+    for option in REQUIREMENTS[name]:
+        assert option in command, f"{name} is not made by `make {name}`: {command}"
     uv = Path(sys.executable).parent / "uv"  # the project's own (pyproject.toml's dev group)
     result = subprocess.run(
         [str(uv), *command[1:-2]], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120, check=True
     )
     assert without_header(result.stdout) == without_header(committed), (
-        "requirements.txt is not uv.lock's export: run `make requirements.txt` and commit it"
+        f"{name} is not uv.lock's export: run `make {name}` and commit it"
     )
 
 
-def test_the_bento_installs_the_exact_locked_versions(bento: Path) -> None:
-    locked = {normalized(name): version for name, version in locked_versions().items()}
+def pins_of(requirements: str) -> dict[str, str]:
     pins: dict[str, str] = {}
-    for line in (bento / "env" / "python" / "requirements.txt").read_text().splitlines():
+    for line in requirements.splitlines():
         requirement = line.split(";")[0].strip()
-        if not requirement or requirement.startswith("#"):
+        if not requirement or requirement.startswith(("#", "--")):
             continue
         name, separator, version = requirement.partition("==")
         assert separator, f"not an exact pin: {line!r}"
         pins[normalized(name)] = version.strip()
+    return pins
+
+
+def test_the_bento_installs_the_exact_locked_versions_of_the_service_alone(bento: Path) -> None:
+    locked = {normalized(name): version for name, version in locked_versions().items()}
+    pins = pins_of((bento / "env" / "python" / "requirements.txt").read_text())
     mismatched = {
         name: (version, locked.get(name)) for name, version in pins.items() if locked.get(name) != version
     }
     assert not mismatched, f"pins that differ from uv.lock (pin, lock): {mismatched}"
-    for runtime in ("bentoml", "scikit-learn", "mlflow", "evidently", "grpcio", "pandas"):
+    for runtime in ("bentoml", "scikit-learn", "mlflow-skinny", "shap", "grpcio", "pandas", "pyarrow"):
         assert runtime in pins
     assert not [name for name in DEV_ONLY if name in pins], "dev tools in the image"
+    assert not [name for name in JOBS_ONLY if name in pins], "the jobs' packages in the service image"
+
+
+def test_the_jobs_image_adds_the_jobs_packages_at_the_same_versions(bento: Path) -> None:
+    service = pins_of((bento / "env" / "python" / "requirements.txt").read_text())
+    jobs = pins_of((PROJECT_ROOT / "deploy" / "jobs" / "requirements.txt").read_text())
+    assert service.items() <= jobs.items(), "the jobs image would change a package of the service image"
+    assert set(JOBS_ONLY) <= set(jobs)
+    assert not [name for name in DEV_ONLY if name in jobs], "dev tools in the jobs image"
+
+
+def test_the_image_installs_wheels_only(bento: Path) -> None:
+    """Nothing is compiled in the image: uv refuses a package without a wheel (service.py's SERVICE_IMAGE)."""
+    lines = (bento / "env" / "python" / "requirements.txt").read_text().splitlines()
+    assert "--only-binary :all:" in lines
+    dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
+    assert "pip install -r $BENTO_PATH/env/python/requirements.txt" in dockerfile
 
 
 def test_the_image_is_python_slim_with_the_service_environment(bento_info: dict[str, Any]) -> None:
     image = bento_info["image"]
     assert image["base_image"] == "python:3.11-slim"
-    assert image["python_version"] == "3.11"
     assert {env["name"]: env["value"] for env in bento_info["envs"]} == IMAGE_ENV
 
 
-def test_the_dockerfile_exposes_both_ports_and_runs_as_bentoml(bento: Path) -> None:
+def test_the_dockerfile_has_no_system_packages_exposes_both_ports_runs_as_bentoml(bento: Path) -> None:
     """The Dockerfile `bentoml containerize` builds (BentoML renders the same one into the bento)."""
-    lines = [line.strip() for line in (bento / "env" / "docker" / "Dockerfile").read_text().splitlines()]
+    dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
+    lines = [line.strip() for line in dockerfile.splitlines()]
     assert "FROM python:3.11-slim AS base-container" in lines
+    # BentoML's Debian template installs build-essential, curl and gnupg; its base-image template nothing.
+    assert "apt-get" not in dockerfile
+    assert "build-essential" not in dockerfile
     assert "EXPOSE 3000" in lines
     assert "EXPOSE 3001" in lines
     users = [line for line in lines if line.startswith("USER ")]

@@ -51,8 +51,12 @@ def volume_targets(service: dict[str, Any]) -> dict[str, str]:
 
 def test_the_stack_has_every_service(compose: dict[str, Any]) -> None:
     assert set(compose["services"]) == {*OUR_IMAGE, "prometheus", "grafana"}
-    images = {compose["services"][name]["image"] for name in OUR_IMAGE}
-    assert images == {"tabserve:latest"}
+    images = {name: compose["services"][name]["image"] for name in OUR_IMAGE}
+    # The service image serves; the jobs image (the service image plus the jobs' packages) runs the rest.
+    assert images == {
+        "tabserve": "tabserve:latest",
+        **{name: "tabserve-jobs:latest" for name in OUR_IMAGE if name != "tabserve"},
+    }
     assert all(compose["services"][name]["pull_policy"] == "never" for name in OUR_IMAGE)
 
 

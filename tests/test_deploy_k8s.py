@@ -109,12 +109,17 @@ def test_the_overlay_sets_namespace_image_and_production_sizes(
         if resource["kind"] != "Namespace":
             assert resource["metadata"]["namespace"] == "tabserve", resource["kind"]
     images = {
-        container["image"]
+        resource["metadata"]["name"]: container["image"]
         for resource in production
         if resource["kind"] in ("Deployment", "CronJob")
         for container in pod_spec(resource)["containers"]
     }
-    assert images == {"registry.example.com/ml/tabserve:1.0.0"}
+    # The service image serves; the CronJobs run the jobs image of the same build.
+    assert images == {
+        "tabserve": "registry.example.com/ml/tabserve:1.0.0",
+        "tabserve-drift": "registry.example.com/ml/tabserve-jobs:1.0.0",
+        "tabserve-retrain": "registry.example.com/ml/tabserve-jobs:1.0.0",
+    }
     deployment = by_kind(production, "Deployment")
     assert deployment["spec"]["replicas"] == 3
     [container] = pod_spec(deployment)["containers"]

@@ -6,6 +6,7 @@ service's own feature schema (GET /model), so the checks work for whatever model
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,8 +27,8 @@ def expect(condition: bool, message: str) -> None:
         raise ProbeError(message)
 
 
-def wait_ready(url: str, timeout: float, still_running: Callable[[], bool]) -> float:
-    """Poll BentoML's /readyz until it answers 200; returns the seconds it took."""
+def wait_ready(url: str, timeout: float, still_running: Callable[[], bool], interval: float = 0.5) -> float:
+    """Poll BentoML's /readyz every `interval` seconds until it answers 200; returns the seconds it took."""
     started = time.monotonic()
     while time.monotonic() - started < timeout:
         expect(still_running(), f"the container stopped before {url}/readyz answered")
@@ -36,7 +37,7 @@ def wait_ready(url: str, timeout: float, still_running: Callable[[], bool]) -> f
                 return time.monotonic() - started
         except httpx.TransportError:
             pass
-        time.sleep(0.5)
+        time.sleep(interval)
     raise ProbeError(f"{url}/readyz did not answer 200 within {timeout:.0f} s")
 
 
@@ -114,6 +115,25 @@ def check_predict(
         f"{info['model']}:{info['version']}",
     )
     return answer["prediction"]
+
+
+def check_explain(
+    url: str, record: dict[str, Any], prediction: Any, headers: dict[str, str] | None = None
+) -> None:
+    """POST /explain (shap, with numba, in the image): the same prediction, and base plus attributions add
+    up to the explained output."""
+    response = httpx.post(f"{url}/explain", json=record, headers=headers, timeout=120)
+    expect(response.status_code == 200, f"POST /explain: {response.status_code} {response.text[:500]}")
+    answer = response.json()
+    expect(
+        answer["prediction"] == prediction, f"/explain predicted {answer['prediction']!r}, not {prediction!r}"
+    )
+    explanation = answer["explanation"]
+    total = explanation["base_value"] + sum(explanation["attributions"].values())
+    expect(
+        math.isclose(total, explanation["output_value"], rel_tol=1e-6, abs_tol=1e-6),
+        f"/explain: base + attributions = {total}, output {explanation['output_value']}",
+    )
 
 
 def check_refused_without_key(url: str, record: dict[str, Any]) -> None:

@@ -5,17 +5,19 @@
 
 Steps, each timed:
 1. train the default model into a throwaway store, `bentoml build` (the committed locked requirements);
-2. `bentoml containerize` with the chosen engine; the image exposes 3000 and 3001 and is not root;
+2. `bentoml containerize` with the chosen engine (the service image), then the jobs image on top of it
+   (deploy/jobs/Containerfile), as `make containerize` does; the service image exposes 3000 and 3001, neither
+   runs as root nor holds a compiler or git; their sizes are printed;
 3. run the image on free loopback ports (--network host), with a named volume at /var/lib/tabserve as
    the compose stack does, and check /readyz, GET /model, POST /predict, a bad request (400), OIP REST,
    OIP gRPC ModelInfer, /metrics, that no process runs as root and that the prediction log is on the volume;
 4. run it again as Kubernetes does (deploy/k8s: read-only root, writable /tmp only, uid 1034, its own
    prediction-log folder, the API keys mounted as its Secret is): no key gets 401, the key predicts;
-5. run the compose file's `drift` service environment on the same volume: the model and the log are
-   visible, and `python -m drift report` judges the logged rows and writes latest.json and a snapshot;
-   then deploy/k8s's drift CronJob command, read-only as there, over every pod's log folder;
-6. run the compose file's `mlflow` and `evidently-ui` commands from the image and call them (the UI lists
-   the snapshot of step 5), and check that the running service exports the report as tabserve_drift_*;
+5. run the compose file's `drift` service environment from the jobs image on the same volume: the model
+   and the log are visible, and `python -m drift report` judges the logged rows and writes latest.json and
+   a snapshot; then deploy/k8s's drift and retrain CronJob commands, read-only as there;
+6. run the compose file's `mlflow` and `evidently-ui` commands from the jobs image and call them (the UI
+   lists the snapshot of step 5), and check that the running service exports the report as tabserve_drift_*;
 7. stop the service with SIGTERM and check it exits cleanly within the grace period.
 
 Everything it creates (containers, volume, image, bento store) is removed at the end: on success, on
@@ -52,6 +54,9 @@ from serving import auth
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = PROJECT_ROOT / "deploy" / "compose" / "compose.yaml"
+JOBS_CONTEXT = PROJECT_ROOT / "deploy" / "jobs"
+# service.py's SERVICE_IMAGE.base_image, fully qualified: only its size is read.
+BASE_IMAGE = "docker.io/library/python:3.11-slim"
 BIN = Path(sys.executable).parent
 STATE_DIR = "/var/lib/tabserve"
 # Where a TLS-intercepting proxy's CA lives on Debian hosts; podman mounts it into build steps only, so
@@ -198,7 +203,13 @@ class Engine:
             subprocess.run([self.name, "rmi", "-f", image], capture_output=True, check=False)
 
 
-def build_image(engine: Engine, work: Path, timings: Timings) -> str:
+@dataclass(frozen=True)
+class Images:
+    service: str  # the bento's image: `bentoml serve`
+    jobs: str  # the service image plus the jobs' packages: drift, lifecycle, mlflow server, evidently ui
+
+
+def build_images(engine: Engine, work: Path, timings: Timings) -> Images:
     env = store_env(work)
     with timings.step("train the default model into a throwaway store"):
         run([str(BIN / "python"), "train.py", "--if-missing"], env=env)
@@ -207,23 +218,57 @@ def build_image(engine: Engine, work: Path, timings: Timings) -> str:
             tag = build_bento(env)
         except BuildError as error:
             raise SmokeError(str(error)) from None
-    image = f"localhost/tabserve-smoke:{tag.split(':')[1]}"
-    with timings.step(f"bentoml containerize ({engine.name})"):
-        command = [str(BIN / "bentoml"), "containerize", tag, "--backend", engine.name, "-t", image]
-        if engine.name == "podman" and HOST_CA_BUNDLE.exists():
+    version = tag.split(":")[1]
+    images = Images(f"localhost/tabserve-smoke:{version}", f"localhost/tabserve-smoke-jobs:{version}")
+    with_host_ca = engine.name == "podman" and HOST_CA_BUNDLE.exists()
+    with timings.step(f"bentoml containerize ({engine.name}): the service image"):
+        command = [str(BIN / "bentoml"), "containerize", tag, "--backend", engine.name, "-t", images.service]
+        if with_host_ca:
             command += ["--opt", f"volume={HOST_CA_BUNDLE}:{HOST_CA_BUNDLE}:ro"]
-        engine.images.append(image)
+        engine.images.append(images.service)
         run(command, env=env, timeout=1800)
-    return image
+    with timings.step("the jobs image on top of it (deploy/jobs/Containerfile)"):
+        command = ["build", "--build-arg", f"SERVICE_IMAGE={images.service}", "-t", images.jobs]
+        if with_host_ca:
+            command += ["--volume", f"{HOST_CA_BUNDLE}:{HOST_CA_BUNDLE}:ro"]
+        engine.images.append(images.jobs)
+        engine(*command, str(JOBS_CONTEXT), timeout=1800)
+    return images
 
 
-def check_image_config(engine: Engine, image: str) -> None:
-    exposed = engine("image", "inspect", "--format", "{{json .Config.ExposedPorts}}", image)
-    user = engine("image", "inspect", "--format", "{{.Config.User}}", image)
+# What an image that installs wheels only needs none of: compilers, build tools, version control, downloaders.
+BUILD_TOOLS = ("gcc", "cc", "c++", "g++", "make", "ld", "git", "curl", "wget")
+
+
+def check_images(engine: Engine, images: Images) -> None:
+    exposed = engine("image", "inspect", "--format", "{{json .Config.ExposedPorts}}", images.service)
     probes.expect(
         "3000/tcp" in exposed and "3001/tcp" in exposed, f"image exposes {exposed}, not 3000 and 3001"
     )
-    probes.expect(user not in ("", "root", "0"), f"image user is {user!r}")
+    for image in (images.service, images.jobs):
+        user = engine("image", "inspect", "--format", "{{.Config.User}}", image)
+        probes.expect(user not in ("", "root", "0"), f"{image}: image user is {user!r}")
+        found = engine(
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "--entrypoint",
+            "sh",
+            image,
+            "-c",
+            f"for tool in {' '.join(BUILD_TOOLS)}; do command -v $tool || true; done",
+        )
+        probes.expect(not found, f"{image} holds build tools: {found.split()}")
+    sizes = ", ".join(
+        f"{name} {image_megabytes(engine, image):,.0f} MB"
+        for name, image in (("base", BASE_IMAGE), ("service", images.service), ("jobs", images.jobs))
+    )
+    print(f"    sizes ({engine.name} image inspect): {sizes}")
+
+
+def image_megabytes(engine: Engine, image: str) -> float:
+    return int(engine("image", "inspect", "--format", "{{.Size}}", image)) / 1e6
 
 
 def check_not_root(engine: Engine, container: str) -> None:
@@ -257,11 +302,12 @@ def serve(engine: Engine, image: str, volume: str, timings: Timings) -> tuple[st
     try:
         with timings.step("service ready (/readyz)"):
             probes.wait_ready(url, 180, lambda: engine.running(container))
-        with timings.step("HTTP, OIP REST, gRPC, a bad request, /metrics, user, prediction log"):
+        with timings.step("HTTP, /explain, OIP REST, gRPC, a bad request, /metrics, user, prediction log"):
             info = probes.model_info(url)
             record = probes.record_from_schema(info)
             prediction = probes.check_predict(url, info, record)
             print(f"    /predict -> {prediction!r} from {info['model']}:{info['version']}")
+            probes.check_explain(url, record, prediction)
             probes.check_bad_request(url, record)
             probes.check_oip_rest(url, info, record, prediction)
             probes.check_grpc(target, info, record, prediction)
@@ -307,7 +353,8 @@ def serve_like_kubernetes(engine: Engine, image: str, volume: str, work: Path, t
             probes.wait_ready(url, 180, lambda: engine.running(container))  # probes need no key
             info = probes.model_info(url, key)
             probes.check_refused_without_key(url, probes.record_from_schema(info))
-            probes.check_predict(url, info, probes.record_from_schema(info), key)
+            record = probes.record_from_schema(info)
+            probes.check_explain(url, record, probes.check_predict(url, info, record, key), key)
             # Rows for the CronJob's drift report (check_kubernetes_drift_job).
             probes.check_predict_batch(url, probes.records_from_schema(info, 60), key)
             check_log_on_volume(engine, container, folder)
@@ -364,25 +411,49 @@ def kubernetes_deployment_env() -> dict[str, str]:
     return {item["name"]: item["value"] for item in container["env"] if "value" in item}
 
 
-def kubernetes_drift_job() -> tuple[dict[str, Any], dict[str, str]]:
-    """The CronJob's container in deploy/k8s/base, and its environment with the ConfigMap's values."""
+def kubernetes_cronjob(name: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """A CronJob's container in deploy/k8s/base, and its environment with the ConfigMap's values."""
     resources = kustomize(PROJECT_ROOT / "deploy" / "k8s" / "base")
     config = next(item for item in resources if item["kind"] == "ConfigMap")["data"]
-    cronjob = next(item for item in resources if item["kind"] == "CronJob")
+    cronjob = next(
+        item for item in resources if item["kind"] == "CronJob" and item["metadata"]["name"] == name
+    )
     container = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
     env = {**config, **{item["name"]: item["value"] for item in container["env"] if "value" in item}}
     return container, env
 
 
-def check_kubernetes_drift_job(engine: Engine, image: str, volume: str, timings: Timings) -> None:
-    """deploy/k8s's CronJob command, as Kubernetes would run it: it finds every pod's log folder."""
-    container, env = kubernetes_drift_job()
+def as_kubernetes_cronjob(name: str, volume: str) -> tuple[list[str], list[str]]:
+    """The run options and command of deploy/k8s's CronJob `name`: read-only root, /tmp, uid 1034, offline."""
+    container, env = kubernetes_cronjob(name)
     options = ["--rm", "--network", "none", "--read-only", "--tmpfs", "/tmp", "--user", "1034:1034"]
     options += ["-v", f"{volume}:{STATE_DIR}", "-w", container["workingDir"]]
     for key, value in env.items():
         options += ["-e", f"{key}={value}"]
+    return options, container["args"]
+
+
+def check_kubernetes_jobs(engine: Engine, image: str, volume: str, timings: Timings) -> None:
+    """deploy/k8s's CronJobs, as Kubernetes would run them from the jobs image."""
     with timings.step("drift CronJob of deploy/k8s: read-only root, every pod's log folder"):
-        run_drift_report(engine, [*options, image, *container["args"]])
+        options, command = as_kubernetes_cronjob("tabserve-drift", volume)
+        run_drift_report(engine, [*options, image, *command])
+    with timings.step("retrain CronJob of deploy/k8s: read-only root, its store on the volume"):
+        options, command = as_kubernetes_cronjob("tabserve-retrain", volume)
+        result = subprocess.run(
+            [engine.name, "run", *options, image, *command],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            check=False,
+        )
+        output = (result.stdout + result.stderr).strip()
+        print("\n".join(f"    {line}" for line in output.splitlines()[-4:]))
+        # 0 nothing to do or promoted, 1 refused by the gate, 2 cannot judge: each an answer, not a crash.
+        probes.expect(
+            result.returncode in (0, 1, 2) and "Traceback" not in output,
+            f"the retrain job exited {result.returncode}:\n{output[-3000:]}",
+        )
 
 
 def start_compose_tools(engine: Engine, image: str, volume: str) -> dict[str, tuple[str, int]]:
@@ -437,15 +508,15 @@ def check_graceful_stop(engine: Engine, container: str, timings: Timings) -> Non
 def smoke(engine: Engine, timings: Timings) -> None:
     work = Path(tempfile.mkdtemp(prefix="tabserve-smoke-", dir=os.environ.get("SMOKE_WORK_DIR", "/var/tmp")))
     try:
-        image = build_image(engine, work, timings)
-        check_image_config(engine, image)
+        images = build_images(engine, work, timings)
+        check_images(engine, images)
         volume = engine.volume()
-        container, url = serve(engine, image, volume, timings)
+        container, url = serve(engine, images.service, volume, timings)
         # MLflow and the Evidently UI start while the rest runs: on two cores every second counts.
-        tools = start_compose_tools(engine, image, volume)
-        serve_like_kubernetes(engine, image, volume, work, timings)
-        check_drift_job(engine, image, volume, timings)
-        check_kubernetes_drift_job(engine, image, volume, timings)
+        tools = start_compose_tools(engine, images.jobs, volume)
+        serve_like_kubernetes(engine, images.service, volume, work, timings)
+        check_drift_job(engine, images.jobs, volume, timings)
+        check_kubernetes_jobs(engine, images.jobs, volume, timings)
         check_compose_tools(engine, tools, timings)
         check_drift_gauges(url, timings)
         check_graceful_stop(engine, container, timings)
