@@ -69,11 +69,14 @@ build: setup requirements.txt
 # behind a TLS-intercepting proxy on podman:
 #   CONTAINERIZE_OPTS="--opt volume=/etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro"
 #   JOBS_BUILD_OPTS="--volume /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro"
+# IMAGE and JOBS_IMAGE name them (the smoke test builds under names of its own).
 ENGINE ?= $(if $(shell command -v podman 2>/dev/null),podman,docker)
+IMAGE ?= tabserve
+JOBS_IMAGE ?= tabserve-jobs
 containerize: build deploy/jobs/requirements.txt
 	version=$$(.venv/bin/bentoml get tabserve:latest -o json | $(PY) -c 'import json, sys; print(json.load(sys.stdin)["version"])') && \
-	.venv/bin/bentoml containerize tabserve:$$version --backend $(ENGINE) -t tabserve:$$version -t tabserve:latest $(CONTAINERIZE_OPTS) && \
-	$(ENGINE) build --build-arg SERVICE_IMAGE=tabserve:$$version -t tabserve-jobs:$$version -t tabserve-jobs:latest $(JOBS_BUILD_OPTS) deploy/jobs
+	.venv/bin/bentoml containerize tabserve:$$version --backend $(ENGINE) -t $(IMAGE):$$version -t $(IMAGE):latest $(CONTAINERIZE_OPTS) && \
+	$(ENGINE) build --build-arg SERVICE_IMAGE=$(IMAGE):$$version -t $(JOBS_IMAGE):$$version -t $(JOBS_IMAGE):latest $(JOBS_BUILD_OPTS) deploy/jobs
 
 # Builds the image, runs it as compose and Kubernetes do, calls it, removes what it built (~10 min).
 smoke: setup

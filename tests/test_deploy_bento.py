@@ -17,7 +17,9 @@ from typing import Any
 import pytest
 import yaml
 
+from deploy import guide
 from deploy.build import bento_path, build_bento
+from deploy.container.smoke import store_env
 from models.store import StoredModel
 from tests.conftest import PROJECT_ROOT, Stores
 
@@ -79,6 +81,31 @@ def bento(stores: Stores, default_model: subprocess.CompletedProcess[str], clone
 def bento_info(bento: Path) -> dict[str, Any]:
     info: dict[str, Any] = yaml.safe_load((bento / "bento.yaml").read_text())
     return info
+
+
+def test_the_guides_fresh_clone_commands_build_a_bento(clone: Path, tmp_path: Path) -> None:
+    """docs/deployment.md's "seen in a fresh clone" block, run as written in a clone whose .venv is this
+    one's (as after `make setup`), into a store of its own: it trains, and `bentoml build` says what the
+    guide shows."""
+    block = guide.block("tests/test_deploy_bento.py", "fresh-clone")
+    (clone / ".venv").symlink_to(PROJECT_ROOT / ".venv")
+    env = {**store_env(tmp_path), "PATH": path_without_uv()}
+    outputs = [
+        subprocess.run(
+            ["bash", "-e", "-c", command],
+            cwd=clone,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=True,
+        ).stdout
+        for command in block.commands
+    ]
+    [shown] = block.output
+    # The guide shows one build's tag; this build has its own.
+    pattern = re.escape(shown).replace(re.escape("eyrrvdxnyoyomax4"), "[a-z0-9]+")
+    assert re.search(pattern, outputs[-1]), outputs[-1][-2000:]
 
 
 def test_the_bento_carries_the_model_the_service_serves(stores: Stores, bento_info: dict[str, Any]) -> None:

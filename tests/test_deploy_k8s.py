@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from deploy import guide
 from deploy.manifests import ManifestError, kustomize, load_documents
 from serving.auth import RIGHTS, parse_keys
 from tests.conftest import PROJECT_ROOT, help_of, require_tool
@@ -130,6 +132,22 @@ def test_the_overlay_sets_namespace_image_and_production_sizes(
     assert container["env"] == base_container["env"]
     assert by_kind(production, "HorizontalPodAutoscaler")["spec"]["minReplicas"] == 3
     assert by_kind(production, "PersistentVolumeClaim")["spec"]["storageClassName"]
+
+
+def test_the_guides_render_command_prints_what_the_guide_shows() -> None:
+    """docs/deployment.md's `kubectl kustomize` example, run as written: its output is the guide's."""
+    require_tool("kubectl")
+    block = guide.block("tests/test_deploy_k8s.py", "render")
+    [command] = block.commands
+    result = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", command],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert result.stdout.splitlines() == block.output
 
 
 def test_the_deployment_probes_bentomls_health_endpoints(base: list[dict[str, Any]]) -> None:

@@ -1,18 +1,21 @@
-"""Container smoke test: build the image the way `make containerize` does, run it, call it as users do.
+"""Container smoke test: build the images as docs/deployment.md says, run them, call them as users do.
 
     .venv/bin/python -m deploy.container.smoke                  # podman if installed, else docker
     .venv/bin/python -m deploy.container.smoke --engine docker
 
 Steps, each timed:
-1. train the default model into a throwaway store, `bentoml build` (the committed locked requirements);
-2. `bentoml containerize` with the chosen engine (the service image), then the jobs image on top of it
-   (deploy/jobs/Containerfile), as `make containerize` does; the service image exposes 3000 and 3001, neither
-   runs as root nor holds a compiler or git; their sizes are printed;
-3. run the image on free loopback ports (--network host), with a named volume at /var/lib/tabserve as
-   the compose stack does, and check /readyz, GET /model, POST /predict, a bad request (400), OIP REST,
-   OIP gRPC ModelInfer, /metrics, that no process runs as root and that the prediction log is on the volume;
-4. run it again as Kubernetes does (deploy/k8s: read-only root, writable /tmp only, uid 1034, its own
-   prediction-log folder, the API keys mounted as its Secret is): no key gets 401, the key predicts;
+1. train the default model into a throwaway store, then the guide's build block (`make build`, `make
+   containerize`: the service image, then the jobs image on top of it) under image names of this run; the
+   service image exposes 3000 and 3001, neither image runs as root nor holds a compiler, git, curl or wget;
+   their sizes are printed;
+2. run the service image on free loopback ports (--network host), with a named volume at /var/lib/tabserve
+   as the compose stack does, and check /readyz, GET /model, POST /predict, /explain, a bad request (400),
+   OIP REST, OIP gRPC ModelInfer, /metrics, that no process runs as root and that the prediction log is on
+   the volume;
+3. the guide's `run`, `jobs` and `hardened` blocks, as written but for names and ports (deploy/guide.py);
+4. run the service image again as Kubernetes does (deploy/k8s: read-only root, writable /tmp only, uid 1034,
+   its own prediction-log folder, the API keys mounted as its Secret is): no key gets 401, the key predicts
+   and explains;
 5. run the compose file's `drift` service environment from the jobs image on the same volume: the model
    and the log are visible, and `python -m drift report` judges the logged rows and writes latest.json and
    a snapshot; then deploy/k8s's drift and retrain CronJob commands, read-only as there;
@@ -20,7 +23,7 @@ Steps, each timed:
    lists the snapshot of step 5), and check that the running service exports the report as tabserve_drift_*;
 7. stop the service with SIGTERM and check it exits cleanly within the grace period.
 
-Everything it creates (containers, volume, image, bento store) is removed at the end: on success, on
+Everything it creates (containers, volumes, images, bento store) is removed at the end: on success, on
 failure, on Ctrl-C and on SIGTERM. Needs podman or Docker, python:3.11-slim pullable or already present
 (machines without registry access prepare a local stand-in first: see docs/deployment.md), and kubectl
 (`kubectl kustomize` renders deploy/k8s).
@@ -30,7 +33,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -47,7 +52,7 @@ from typing import Any
 
 import yaml
 
-from deploy.build import BuildError, build_bento
+from deploy import guide
 from deploy.container import probes
 from deploy.manifests import ManifestError, kustomize
 from serving import auth
@@ -89,9 +94,11 @@ class Timings:
         return "\n".join(lines)
 
 
-def run(command: list[str], *, env: dict[str, str] | None = None, timeout: float = 1800) -> str:
+def run(
+    command: list[str], *, env: dict[str, str] | None = None, cwd: Path = PROJECT_ROOT, timeout: float = 1800
+) -> str:
     result = subprocess.run(
-        command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
+        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
     if result.returncode != 0:
         output = (result.stdout + result.stderr)[-6000:]
@@ -159,11 +166,14 @@ class Engine:
     def __call__(self, *args: str, timeout: float = 600) -> str:
         return run([self.name, *args], timeout=timeout).strip()
 
+    @property
+    def volume_name(self) -> str:
+        return f"tabserve-smoke-{self.run_id}"
+
     def volume(self) -> str:
-        name = f"tabserve-smoke-{self.run_id}"
-        self("volume", "create", name)
-        self.volumes.append(name)
-        return name
+        self("volume", "create", self.volume_name)
+        self.volumes.append(self.volume_name)
+        return self.volume_name
 
     def start(self, role: str, image: str, options: list[str], command: list[str]) -> str:
         """A detached container on the host network (the service binds loopback ports we chose)."""
@@ -210,30 +220,29 @@ class Images:
 
 
 def build_images(engine: Engine, work: Path, timings: Timings) -> Images:
+    """The guide's build block (`make build`, `make containerize`) into a throwaway store, under image names
+    of this run (the Makefile's IMAGE and JOBS_IMAGE)."""
     env = store_env(work)
     with timings.step("train the default model into a throwaway store"):
         run([str(BIN / "python"), "train.py", "--if-missing"], env=env)
-    with timings.step("bentoml build (as make build)"):
-        try:
-            tag = build_bento(env)
-        except BuildError as error:
-            raise SmokeError(str(error)) from None
-    version = tag.split(":")[1]
-    images = Images(f"localhost/tabserve-smoke:{version}", f"localhost/tabserve-smoke-jobs:{version}")
-    with_host_ca = engine.name == "podman" and HOST_CA_BUNDLE.exists()
-    with timings.step(f"bentoml containerize ({engine.name}): the service image"):
-        command = [str(BIN / "bentoml"), "containerize", tag, "--backend", engine.name, "-t", images.service]
-        if with_host_ca:
-            command += ["--opt", f"volume={HOST_CA_BUNDLE}:{HOST_CA_BUNDLE}:ro"]
-        engine.images.append(images.service)
-        run(command, env=env, timeout=1800)
-    with timings.step("the jobs image on top of it (deploy/jobs/Containerfile)"):
-        command = ["build", "--build-arg", f"SERVICE_IMAGE={images.service}", "-t", images.jobs]
-        if with_host_ca:
-            command += ["--volume", f"{HOST_CA_BUNDLE}:{HOST_CA_BUNDLE}:ro"]
-        engine.images.append(images.jobs)
-        engine(*command, str(JOBS_CONTEXT), timeout=1800)
-    return images
+    names = Images(
+        f"localhost/tabserve-smoke-{engine.run_id}", f"localhost/tabserve-smoke-jobs-{engine.run_id}"
+    )
+    env.update(IMAGE=names.service, JOBS_IMAGE=names.jobs, ENGINE=engine.name)
+    if engine.name == "podman" and HOST_CA_BUNDLE.exists():
+        env["CONTAINERIZE_OPTS"] = f"--opt volume={HOST_CA_BUNDLE}:{HOST_CA_BUNDLE}:ro"
+        env["JOBS_BUILD_OPTS"] = f"--volume {HOST_CA_BUNDLE}:{HOST_CA_BUNDLE}:ro"
+    # Both tags of both images, for the cleanup, whatever fails from here on.
+    engine.images += [f"{name}:latest" for name in (names.service, names.jobs)]
+    with timings.step(
+        f"docs/deployment.md's build: make build, make containerize ({engine.name}), both images"
+    ):
+        run(["bash", "-e", "-c", guide.block("smoke", "build").text], env=env, timeout=2400)
+    version = json.loads(run([str(BIN / "bentoml"), "get", "tabserve:latest", "-o", "json"], env=env))[
+        "version"
+    ]
+    engine.images += [f"{name}:{version}" for name in (names.service, names.jobs)]
+    return Images(f"{names.service}:{version}", f"{names.jobs}:{version}")
 
 
 # What an image that installs wheels only needs none of: compilers, build tools, version control, downloaders.
@@ -320,6 +329,55 @@ def serve(engine: Engine, image: str, volume: str, timings: Timings) -> tuple[st
         print(engine.logs(container), file=sys.stderr)
         raise
     return container, url
+
+
+# The guide's blocks `<!-- run: smoke NAME -->` that run_guide runs (its `build` block is build_images').
+GUIDE_RUN_BLOCKS = ("run", "jobs", "hardened")
+
+
+def as_smoke_runs_it(text: str, engine: Engine, images: Images, block: str, ports: tuple[int, int]) -> str:
+    """A block of docs/deployment.md with this run's engine, images, volume, container name and free loopback
+    ports in place of the guide's `docker`, `tabserve:latest`, `tabserve-jobs:latest`, `tabserve-data`,
+    `tabserve` and 3000/3001."""
+    port, grpc_port = ports
+    container = f"tabserve-smoke-{engine.run_id}-{block}"
+    for pattern, replacement in (
+        (r"\bdocker\b", engine.name),
+        (r"\btabserve-jobs:latest\b", images.jobs),
+        (r"\btabserve:latest\b", images.service),
+        (r"\btabserve-data\b", f"{engine.volume_name}-guide"),
+        (r"--name tabserve\b", f"--name {container}"),
+        (r"\b(stop -t \d+) tabserve\b", rf"\1 {container}"),
+        (r"-p 3000:3000", f"-p 127.0.0.1:{port}:3000"),
+        (r"-p 3001:3001", f"-p 127.0.0.1:{grpc_port}:3001"),
+        (r"\blocalhost:3000\b", f"127.0.0.1:{port}"),
+    ):
+        text = re.sub(pattern, replacement, text)
+    if f"--name {container}" in text:
+        engine.containers.append(container)
+    return text
+
+
+def run_guide(engine: Engine, images: Images, record: dict[str, Any], work: Path, timings: Timings) -> None:
+    """docs/deployment.md's run, jobs and hardened blocks, as written but for names and ports (bash -e: the
+    first command that fails, a `curl -f` on an error status included, fails the block)."""
+    (work / "record.json").write_text(json.dumps(record))
+    engine.volumes.append(f"{engine.volume_name}-guide")  # the run block creates it
+    expected = {"run": ('"prediction"', "tabserve_predictions_total"), "jobs": ("report", "retrain")}
+    for name in GUIDE_RUN_BLOCKS:
+        with timings.step(f"docs/deployment.md's `{name}` block, as written"):
+            text = as_smoke_runs_it(
+                guide.block("smoke", name).text, engine, images, name, (free_port(), free_port())
+            )
+            output = run(["bash", "-e", "-c", text], cwd=work, timeout=300)
+            for needle in expected.get(name, ()):
+                probes.expect(
+                    needle in output, f"the guide's `{name}` block printed no {needle}:\n{output[-2000:]}"
+                )
+            print("\n".join(f"    {line[:110]}" for line in output.strip().splitlines()[-3:]))
+    for container in engine.containers:
+        if "-hardened" in container:
+            engine.remove(container)
 
 
 def kubernetes_api_keys(work: Path) -> tuple[Path, str]:
@@ -512,6 +570,7 @@ def smoke(engine: Engine, timings: Timings) -> None:
         check_images(engine, images)
         volume = engine.volume()
         container, url = serve(engine, images.service, volume, timings)
+        run_guide(engine, images, probes.record_from_schema(probes.model_info(url)), work, timings)
         # MLflow and the Evidently UI start while the rest runs: on two cores every second counts.
         tools = start_compose_tools(engine, images.jobs, volume)
         serve_like_kubernetes(engine, images.service, volume, work, timings)
