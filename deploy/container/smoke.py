@@ -238,9 +238,8 @@ def build_images(engine: Engine, work: Path, timings: Timings) -> Images:
         f"docs/deployment.md's build: make build, make containerize ({engine.name}), both images"
     ):
         run(["bash", "-e", "-c", guide.block("smoke", "build").text], env=env, timeout=2400)
-    version = json.loads(run([str(BIN / "bentoml"), "get", "tabserve:latest", "-o", "json"], env=env))[
-        "version"
-    ]
+    bento = json.loads(run([str(BIN / "bentoml"), "get", "tabserve:latest", "-o", "json"], env=env))
+    version = bento["version"]
     engine.images += [f"{name}:{version}" for name in (names.service, names.jobs)]
     return Images(f"{names.service}:{version}", f"{names.jobs}:{version}")
 
@@ -257,17 +256,8 @@ def check_images(engine: Engine, images: Images) -> None:
     for image in (images.service, images.jobs):
         user = engine("image", "inspect", "--format", "{{.Config.User}}", image)
         probes.expect(user not in ("", "root", "0"), f"{image}: image user is {user!r}")
-        found = engine(
-            "run",
-            "--rm",
-            "--network",
-            "none",
-            "--entrypoint",
-            "sh",
-            image,
-            "-c",
-            f"for tool in {' '.join(BUILD_TOOLS)}; do command -v $tool || true; done",
-        )
+        look_for_tools = f"for tool in {' '.join(BUILD_TOOLS)}; do command -v $tool || true; done"
+        found = engine("run", "--rm", "--network", "none", "--entrypoint", "sh", image, "-c", look_for_tools)
         probes.expect(not found, f"{image} holds build tools: {found.split()}")
     sizes = ", ".join(
         f"{name} {image_megabytes(engine, image):,.0f} MB"
@@ -335,12 +325,13 @@ def serve(engine: Engine, image: str, volume: str, timings: Timings) -> tuple[st
 GUIDE_RUN_BLOCKS = ("run", "jobs", "hardened")
 
 
-def as_smoke_runs_it(text: str, engine: Engine, images: Images, block: str, ports: tuple[int, int]) -> str:
+def as_smoke_runs_it(
+    text: str, engine: Engine, images: Images, container: str, ports: tuple[int, int]
+) -> str:
     """A block of docs/deployment.md with this run's engine, images, volume, container name and free loopback
     ports in place of the guide's `docker`, `tabserve:latest`, `tabserve-jobs:latest`, `tabserve-data`,
     `tabserve` and 3000/3001."""
     port, grpc_port = ports
-    container = f"tabserve-smoke-{engine.run_id}-{block}"
     for pattern, replacement in (
         (r"\bdocker\b", engine.name),
         (r"\btabserve-jobs:latest\b", images.jobs),
@@ -353,8 +344,6 @@ def as_smoke_runs_it(text: str, engine: Engine, images: Images, block: str, port
         (r"\blocalhost:3000\b", f"127.0.0.1:{port}"),
     ):
         text = re.sub(pattern, replacement, text)
-    if f"--name {container}" in text:
-        engine.containers.append(container)
     return text
 
 
@@ -363,20 +352,19 @@ def run_guide(engine: Engine, images: Images, record: dict[str, Any], work: Path
     first command that fails, a `curl -f` on an error status included, fails the block)."""
     (work / "record.json").write_text(json.dumps(record))
     engine.volumes.append(f"{engine.volume_name}-guide")  # the run block creates it
+    ports = (free_port(), free_port())
     expected = {"run": ('"prediction"', "tabserve_predictions_total"), "jobs": ("report", "retrain")}
     for name in GUIDE_RUN_BLOCKS:
         with timings.step(f"docs/deployment.md's `{name}` block, as written"):
-            text = as_smoke_runs_it(
-                guide.block("smoke", name).text, engine, images, name, (free_port(), free_port())
-            )
+            container = f"tabserve-smoke-{engine.run_id}-{name}"
+            engine.containers.append(container)  # if the block starts one
+            text = as_smoke_runs_it(guide.block("smoke", name).text, engine, images, container, ports)
             output = run(["bash", "-e", "-c", text], cwd=work, timeout=300)
             for needle in expected.get(name, ()):
                 probes.expect(
                     needle in output, f"the guide's `{name}` block printed no {needle}:\n{output[-2000:]}"
                 )
             print("\n".join(f"    {line[:110]}" for line in output.strip().splitlines()[-3:]))
-    for container in engine.containers:
-        if "-hardened" in container:
             engine.remove(container)
 
 
