@@ -20,7 +20,7 @@ from sklearn import metrics as skm
 from sklearn.inspection import permutation_importance
 
 from models.data import Task
-from models.evaluation import Metric
+from models.evaluation import HeldOutAnswers, Metric
 
 if TYPE_CHECKING:
     from sklearn.pipeline import Pipeline
@@ -79,24 +79,24 @@ def importance_figure(result: dict[str, Any]) -> Figure:
     return figure
 
 
-def evaluation(model: Pipeline, X: pd.DataFrame, y: pd.Series, task: Task, seed: int) -> dict[str, Any]:
+def evaluation(answers: HeldOutAnswers, seed: int) -> dict[str, Any]:
     """The data of the held-out evaluation's figure, JSON-ready: the confusion matrix (`matrix`: counts,
     rows the true class, columns the predicted class, both in `labels` order) or up to
     MAX_EVALUATION_PAIRS (`predicted`, `actual`) pairs, for a residual plot."""
-    if task is Task.REGRESSION:
-        predicted = np.asarray(model.predict(X), dtype=np.float64)
-        actual = y.to_numpy(dtype=np.float64)
+    if answers.task is Task.REGRESSION:
+        rows = len(answers.actual)
         rng = np.random.default_rng(seed)
-        kept = np.sort(rng.choice(len(actual), size=min(MAX_EVALUATION_PAIRS, len(actual)), replace=False))
+        kept = np.sort(rng.choice(rows, size=min(MAX_EVALUATION_PAIRS, rows), replace=False))
         return {
             "kind": "residuals",
-            "rows": len(actual),
-            "predicted": predicted[kept].tolist(),
-            "actual": actual[kept].tolist(),
+            "rows": rows,
+            "predicted": answers.predicted[kept].tolist(),
+            "actual": answers.actual[kept].tolist(),
         }
-    classes = list(model.classes_)
-    probabilities = model.predict_proba(X)
-    predicted = np.asarray(classes, dtype=object)[probabilities.argmax(axis=1)]
-    labels = [str(label) for label in classes]
-    counts = skm.confusion_matrix(y.astype(str).to_numpy(), predicted.astype(str), labels=labels)
-    return {"kind": "confusion_matrix", "rows": len(y), "labels": labels, "matrix": counts.tolist()}
+    counts = skm.confusion_matrix(answers.actual, answers.predicted, labels=answers.labels)
+    return {
+        "kind": "confusion_matrix",
+        "rows": len(answers.actual),
+        "labels": answers.labels,
+        "matrix": counts.tolist(),
+    }

@@ -125,29 +125,45 @@ def test_metrics(model: Pipeline, X: pd.DataFrame, y: pd.Series, task: Task) -> 
     }
 
 
-def plots(model: Pipeline, X: pd.DataFrame, y: pd.Series, task: Task) -> dict[str, Figure]:
-    """Figures by artifact file name: confusion matrix and ROC, or predicted-vs-actual and residuals."""
+@dataclass(frozen=True)
+class HeldOutAnswers:
+    """The model's answers on the held-out test rows, computed once for the run's figures (`plots`) and the
+    model card's evaluation (models/card.py)."""
+
+    task: Task
+    actual: np.ndarray  # regression: the values; classification: the true classes, as strings
+    predicted: np.ndarray  # regression: the values; classification: the predicted classes, as strings
+    labels: list[str]  # classification: the classes in the model's order, as strings; regression: none
+    probabilities: np.ndarray | None  # classification: one column per label
+
+
+def held_out_answers(model: Pipeline, X: pd.DataFrame, y: pd.Series, task: Task) -> HeldOutAnswers:
     if task is Task.REGRESSION:
-        predicted = model.predict(X)
+        predicted = np.asarray(model.predict(X), dtype=np.float64)
+        return HeldOutAnswers(task, y.to_numpy(dtype=np.float64), predicted, [], None)
+    labels = [str(label) for label in model.classes_]
+    probabilities = model.predict_proba(X)
+    predicted = np.asarray(labels, dtype=object)[probabilities.argmax(axis=1)]
+    return HeldOutAnswers(task, y.astype(str).to_numpy(), predicted, labels, probabilities)
+
+
+def plots(answers: HeldOutAnswers) -> dict[str, Figure]:
+    """Figures by artifact file name: confusion matrix and ROC, or predicted-vs-actual and residuals."""
+    if answers.probabilities is None:
         figures = {}
         for kind, name in [
             ("actual_vs_predicted", "actual_vs_predicted.png"),
             ("residual_vs_predicted", "residuals.png"),
         ]:
             figure, axis = plt.subplots(figsize=(6, 5))
-            skm.PredictionErrorDisplay.from_predictions(y, predicted, kind=kind, ax=axis)
+            skm.PredictionErrorDisplay.from_predictions(answers.actual, answers.predicted, kind=kind, ax=axis)
             figures[name] = figure
         return figures
 
-    classes = list(model.classes_)
-    probabilities = model.predict_proba(X)
-    predicted = np.asarray(classes, dtype=object)[probabilities.argmax(axis=1)]
-    labels = [str(label) for label in classes]
-    truth = y.astype(str).to_numpy()
-
+    labels, truth = answers.labels, answers.actual
     confusion, axis = plt.subplots(figsize=(6, 5))
     skm.ConfusionMatrixDisplay.from_predictions(
-        truth, predicted.astype(str), labels=labels, ax=axis, colorbar=False
+        truth, answers.predicted, labels=labels, ax=axis, colorbar=False
     )
     axis.set_title("Confusion matrix (held-out test rows)")
 
@@ -156,6 +172,8 @@ def plots(model: Pipeline, X: pd.DataFrame, y: pd.Series, task: Task) -> dict[st
     shown = labels[1:] if len(labels) == 2 else labels
     for label in shown:
         index = labels.index(label)
-        skm.RocCurveDisplay.from_predictions(truth == label, probabilities[:, index], name=label, ax=axis)
+        skm.RocCurveDisplay.from_predictions(
+            truth == label, answers.probabilities[:, index], name=label, ax=axis
+        )
     axis.set_title("ROC (held-out test rows)")
     return {"confusion_matrix.png": confusion, "roc_curve.png": roc}

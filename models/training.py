@@ -42,6 +42,7 @@ from models.evaluation import (
     Metric,
     cross_validate,
     dummy_baseline,
+    held_out_answers,
     plots,
     test_metrics,
 )
@@ -262,12 +263,13 @@ def train(options: TrainingOptions, settings: Settings, progress: Callable[[str]
             with tempfile.TemporaryDirectory() as folder:
                 (Path(folder) / store.ONNX_FILE).write_bytes(onnx_model)
                 mlflow.log_artifact(str(Path(folder) / store.ONNX_FILE), ONNX_ARTIFACT)
-        for file_name, figure in plots(model, X_test, parts.y_test, task).items():
+        answers = held_out_answers(model, X_test, parts.y_test, task)
+        for file_name, figure in plots(answers).items():
             mlflow.log_figure(figure, f"plots/{file_name}")
             plt.close(figure)
         card_started = time.perf_counter()
         importance = model_card.importance(model, X_test, parts.y_test, metric, options.seed)
-        evaluation = model_card.evaluation(model, X_test, parts.y_test, task, options.seed)
+        evaluation = model_card.evaluation(answers, options.seed)
         mlflow.log_dict(importance, IMPORTANCE_RECORD)
         mlflow.log_dict(evaluation, EVALUATION_RECORD)
         figure = model_card.importance_figure(importance)
