@@ -68,13 +68,13 @@ class Sizes:
 def container_start(engine: Engine, image: str) -> float:
     """Seconds from `run -d` of the service image to its first ready answer."""
     port, grpc_port = free_port(), free_port()
-    name = f"tabserve-bench-{engine.run_id}-{port}"
-    engine.containers.append(name)
     begun = time.monotonic()
-    engine(
-        "run", "-d", "--name", name, "--network", "host", "-e", f"TABSERVE_GRPC_PORT={grpc_port}",
-        image, "--host", "127.0.0.1", "--port", str(port),
-    )  # fmt: skip
+    name = engine.start(
+        f"start-{port}",
+        image,
+        ["-e", f"TABSERVE_GRPC_PORT={grpc_port}"],
+        ["--host", "127.0.0.1", "--port", str(port)],
+    )
     probes.wait_ready(f"http://127.0.0.1:{port}", READY_TIMEOUT, lambda: engine.running(name), POLL_SECONDS)
     took = time.monotonic() - begun
     engine.remove(name)

@@ -4,7 +4,7 @@
     .venv/bin/python -m deploy.container.smoke --engine docker
 
 Steps, each timed:
-1. train the default model into a throwaway store, then the guide's build block (`make build`, `make
+1. the guide's build block into a throwaway store (`make build`: the default model, the bento; `make
    containerize`: the service image, then the jobs image on top of it) under image names of this run; the
    service image exposes 3000 and 3001, neither image runs as root nor holds a compiler, git, curl or wget;
    their sizes are printed;
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import re
@@ -220,11 +221,9 @@ class Images:
 
 
 def build_images(engine: Engine, work: Path, timings: Timings) -> Images:
-    """The guide's build block (`make build`, `make containerize`) into a throwaway store, under image names
-    of this run (the Makefile's IMAGE and JOBS_IMAGE)."""
+    """The guide's build block (`make build`: the default model trained into a throwaway store, the bento;
+    `make containerize`: both images), under image names of this run (the Makefile's IMAGE and JOBS_IMAGE)."""
     env = store_env(work)
-    with timings.step("train the default model into a throwaway store"):
-        run([str(BIN / "python"), "train.py", "--if-missing"], env=env)
     names = Images(
         f"localhost/tabserve-smoke-{engine.run_id}", f"localhost/tabserve-smoke-jobs-{engine.run_id}"
     )
@@ -235,7 +234,7 @@ def build_images(engine: Engine, work: Path, timings: Timings) -> Images:
     # Both tags of both images, for the cleanup, whatever fails from here on.
     engine.images += [f"{name}:latest" for name in (names.service, names.jobs)]
     with timings.step(
-        f"docs/deployment.md's build: make build, make containerize ({engine.name}), both images"
+        f"docs/deployment.md's build: make build (trains), make containerize ({engine.name}), both images"
     ):
         run(["bash", "-e", "-c", guide.block("smoke", "build").text], env=env, timeout=2400)
     bento = json.loads(run([str(BIN / "bentoml"), "get", "tabserve:latest", "-o", "json"], env=env))
@@ -449,24 +448,36 @@ def run_drift_report(engine: Engine, arguments: list[str]) -> None:
     )
 
 
+@functools.cache
+def kubernetes_base() -> list[dict[str, Any]]:
+    """deploy/k8s/base as `kubectl kustomize` renders it (once: its settings are read by several steps)."""
+    return kustomize(PROJECT_ROOT / "deploy" / "k8s" / "base")
+
+
+def kubernetes_resource(kind: str, name: str | None = None) -> dict[str, Any]:
+    return next(
+        item
+        for item in kubernetes_base()
+        if item["kind"] == kind and name in (None, item["metadata"]["name"])
+    )
+
+
+def plain_env(container: dict[str, Any]) -> dict[str, str]:
+    """A container's environment variables that have a value (not those from a Secret or a field)."""
+    return {item["name"]: item["value"] for item in container["env"] if "value" in item}
+
+
 def kubernetes_deployment_env() -> dict[str, str]:
     """The environment that deploy/k8s/base's Deployment gives the service's container."""
-    resources = kustomize(PROJECT_ROOT / "deploy" / "k8s" / "base")
-    deployment = next(item for item in resources if item["kind"] == "Deployment")
-    container = deployment["spec"]["template"]["spec"]["containers"][0]
-    return {item["name"]: item["value"] for item in container["env"] if "value" in item}
+    return plain_env(kubernetes_resource("Deployment")["spec"]["template"]["spec"]["containers"][0])
 
 
 def kubernetes_cronjob(name: str) -> tuple[dict[str, Any], dict[str, str]]:
     """A CronJob's container in deploy/k8s/base, and its environment with the ConfigMap's values."""
-    resources = kustomize(PROJECT_ROOT / "deploy" / "k8s" / "base")
-    config = next(item for item in resources if item["kind"] == "ConfigMap")["data"]
-    cronjob = next(
-        item for item in resources if item["kind"] == "CronJob" and item["metadata"]["name"] == name
-    )
+    config = kubernetes_resource("ConfigMap")["data"]
+    cronjob = kubernetes_resource("CronJob", name)
     container = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
-    env = {**config, **{item["name"]: item["value"] for item in container["env"] if "value" in item}}
-    return container, env
+    return container, {**config, **plain_env(container)}
 
 
 def as_kubernetes_cronjob(name: str, volume: str) -> tuple[list[str], list[str]]:
@@ -538,9 +549,7 @@ def check_compose_tools(engine: Engine, started: dict[str, tuple[str, int]], tim
 
 def check_graceful_stop(engine: Engine, container: str, timings: Timings) -> None:
     """SIGTERM, then the time Kubernetes would give the pod (deploy/k8s) before killing it."""
-    deployment = next(
-        item for item in kustomize(PROJECT_ROOT / "deploy" / "k8s" / "base") if item["kind"] == "Deployment"
-    )
+    deployment = kubernetes_resource("Deployment")
     grace = int(deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"])
     with timings.step("SIGTERM: the service drains and exits"):
         begun = time.monotonic()
